@@ -1,0 +1,269 @@
+"""Run configuration: one dataclass per YAML section, dotted command-line overrides, validation with clear errors.
+
+    cfg = load_config("configs/tiny_dpo.yaml", ["train.max_steps=20", "objective.beta=2500"])
+
+Unknown keys are errors that name the closest valid key. Objective hyperparameters live in a sub-section named
+after the objective (``objective.dpo.beta``), checked against that objective's own dataclass, so switching
+objectives is the one key ``objective.name`` and the other sections can stay in the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config mistake the user can fix; the message says how."""
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = "tiny:sd15"  # hub id, local diffusers folder, or tiny:<family> (built offline on first use)
+    revision: str | None = None
+    variant: str | None = None  # e.g. "fp16" weight files on the hub
+    family: str = "auto"  # auto = read from the checkpoint's model_index.json
+    resolution: int | None = None  # None = the denoiser's native size (sample_size x VAE factor)
+
+
+@dataclass
+class DataConfig:
+    source: str = "tiny:pairs"  # hub dataset id, parquet file/dir/glob, folder with metadata.jsonl, or tiny:pairs
+    format: str = "auto"  # auto | pickapic | chosen_rejected | jsonl
+    split: str = "train"
+    strict: bool = False  # bad records are fatal instead of skipped and counted
+    drop_ties: bool = True  # Pick-a-Pic label_0 == 0.5; kept ties are trained in source order (diffusers' behaviour)
+    max_samples: int | None = None
+    random_flip: bool = True  # both orientations are cached, one is picked per step
+    prompt_dropout: float = 0.0  # probability of training a pair with the empty prompt (the original DPO used 0.2)
+    cache: bool = True  # cache VAE latents and text embeddings on disk
+    cache_dir: str | None = None  # default: $DIFFALIGN_CACHE/features or ~/.cache/diffalign/features
+    cache_dtype: str = "float32"  # float32 | float16 | bfloat16
+    encode_batch_size: int = 8
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "dpo"
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)  # per objective: {"dpo": {"beta": 5000}}
+
+    @property
+    def selected(self) -> dict[str, Any]:
+        """The hyperparameters of the objective named by ``name``."""
+        return self.params.get(self.name, {})
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True
+    rank: int = 8
+    alpha: float | None = None  # None = rank (scale 1)
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/dpo"
+    seed: int = 0
+    max_steps: int = 2000  # optimizer steps
+    batch_size: int = 1  # records (pairs) per process per micro-step
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-5
+    scale_lr: bool = False  # multiply learning_rate by batch_size x accumulation x processes
+    lr_scheduler: str = "constant_with_warmup"  # any diffusers get_scheduler name
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    use_8bit_adam: bool = False  # needs the bitsandbytes extra and a CUDA GPU
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 needs a GPU)
+    allow_tf32: bool = True
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = None
+    resume: str | None = None  # "latest" or a checkpoint folder
+    max_consecutive_nonfinite: int = 5  # stop after this many non-finite losses in a row
+
+
+@dataclass
+class LogConfig:
+    every_n_steps: int = 10
+    report_to: str = "tensorboard"  # tensorboard | wandb | none
+    validation_every_n_steps: int = 500  # 0 disables validation images
+    validation_prompts: list[str] = field(
+        default_factory=lambda: ["a photo of a cat", "a red square on a grey background"]
+    )
+    validation_seeds: list[int] = field(default_factory=lambda: [0, 1])
+    validation_inference_steps: int = 25
+    validation_guidance_scale: float = 7.5
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        raw = dataclasses.asdict(self)
+        raw["objective"] = {"name": self.objective.name, **self.objective.params}
+        return raw
+
+    def validate(self) -> Config:
+        check_choice("train.mixed_precision", self.train.mixed_precision, ["no", "bf16", "fp16"])
+        check_choice("data.format", self.data.format, ["auto", "pickapic", "chosen_rejected", "jsonl"])
+        check_choice("data.cache_dtype", self.data.cache_dtype, ["float32", "float16", "bfloat16"])
+        check_choice("log.report_to", self.log.report_to, ["tensorboard", "wandb", "none"])
+        for key, value in [
+            ("train.max_steps", self.train.max_steps),
+            ("train.batch_size", self.train.batch_size),
+            ("train.gradient_accumulation_steps", self.train.gradient_accumulation_steps),
+            ("lora.rank", self.lora.rank),
+            ("train.max_consecutive_nonfinite", self.train.max_consecutive_nonfinite),
+        ]:
+            if value < 1:
+                raise ConfigError(f"{key} must be at least 1, got {value}")
+        if not 0.0 <= self.data.prompt_dropout < 1.0:
+            raise ConfigError(f"data.prompt_dropout must be in [0, 1), got {self.data.prompt_dropout}")
+        if self.train.learning_rate <= 0:
+            raise ConfigError(f"train.learning_rate must be positive, got {self.train.learning_rate}")
+        if not self.lora.enabled:
+            raise ConfigError("lora.enabled=false (full fine-tuning) is not supported yet; set lora.enabled=true")
+        from diffalign.objectives import available_objectives, get_objective
+
+        get_objective(self.objective.name)
+        sections = dict(self.objective.params)
+        sections.setdefault(self.objective.name, {})
+        for section, values in sections.items():
+            if section not in available_objectives():
+                raise ConfigError(f"unknown config key 'objective.{section}'.{closest(section, ['name', *available_objectives()])}")
+            if not isinstance(values, dict):
+                raise ConfigError(f"objective.{section} must be a mapping of hyperparameters, got {values!r}")
+            # Every section is checked (a typo in an unused one is still a typo) and filled with defaults.
+            sections[section] = dataclasses.asdict(get_objective(section).parse_params(values, prefix=f"objective.{section}"))
+        self.objective.params = sections
+        return self
+
+
+def check_choice(key: str, value: Any, choices: list[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not one of {choices}")
+
+
+def closest(name: str, candidates: typing.Iterable[str]) -> str:
+    match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
+    return f" Did you mean '{match[0]}'?" if match else f" Valid keys: {', '.join(sorted(candidates))}."
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check a YAML value against a dataclass field's type; ints are accepted where floats are expected."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, vars(typing), {})  # noqa: S307 - our own annotations only
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0])
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        (item_type,) = typing.get_args(annotation)
+        return [_coerce(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
+    if origin is dict or annotation is Any:
+        return value
+    if annotation is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if annotation is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-5" as a string
+            return float(value)
+        except ValueError:
+            pass
+    if annotation is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if annotation is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if annotation is str and not isinstance(value, str):
+        return str(value)
+    if annotation in (int, float, str, bool) and not isinstance(value, annotation):
+        raise ConfigError(f"{key} must be {annotation.__name__}, got {value!r}")
+    return value
+
+
+def dataclass_from_dict(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    """Build dataclass ``cls`` from ``raw``, refusing unknown keys and wrong types with the dotted key name."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{dotted}'.{closest(key, fields)}")
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            values[key] = dataclass_from_dict(annotation, value or {}, dotted)
+        else:
+            values[key] = _coerce(value, annotation, dotted)
+    return cls(**values)
+
+
+def _config_from_dict(raw: dict[str, Any]) -> Config:
+    raw = dict(raw or {})
+    objective_raw = dict(raw.pop("objective", None) or {})
+    cfg = dataclass_from_dict(Config, raw, "")
+    cfg.objective = ObjectiveConfig(name=str(objective_raw.pop("name", "dpo")), params=objective_raw)
+    return cfg
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides (values parsed as YAML) to a nested dict."""
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(f"override '{override}' must look like key.sub=value, e.g. train.max_steps=100")
+        key, _, text = override.partition("=")
+        parts = key.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{override}': '{part}' is not a section")
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found; see configs/ for examples, e.g. configs/tiny_dpo.yaml")
+        raw = yaml.safe_load(path.read_text()) or {}
+    raw = apply_overrides(raw, overrides or [])
+    return _config_from_dict(raw).validate()
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

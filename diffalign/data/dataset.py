@@ -1,0 +1,86 @@
+"""Training datasets over preference records and the deterministic per-epoch batch order.
+
+Items are addressed as ``(record position, epoch)`` so that the random flip of each image is a pure function of
+(seed, epoch, record, slot): an interrupted run resumes to exactly the same batches.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from diffalign.data.cache import CachedRecord, FeatureCache
+from diffalign.data.records import PreferenceRecord, open_image
+
+
+def flip_choice(seed: int, epoch: int, position: int, slot: int) -> bool:
+    return random.Random(((seed * 1_000_003 + epoch) * 1_000_003 + position) * 31 + slot).random() < 0.5
+
+
+class CachedPreferenceDataset(torch.utils.data.Dataset):
+    """Returns cached latents (K, C, h, w) and conditioning tensors for one record."""
+
+    def __init__(self, cache: FeatureCache, records: list[CachedRecord], images_per_record: int, seed: int,
+                 random_flip: bool):
+        self.cache, self.records = cache, records
+        self.images_per_record, self.seed, self.random_flip = images_per_record, seed, random_flip
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict:
+        position, epoch = item
+        record = self.records[position]
+        latents = [
+            self.cache.load_latents(key, self.random_flip and flip_choice(self.seed, epoch, position, slot))
+            for slot, key in enumerate(record.image_keys[: self.images_per_record])
+        ]
+        return {"latents": torch.stack(latents), "cond": self.cache.load_text(record.prompt_key), "index": record.index}
+
+
+class RawPreferenceDataset(torch.utils.data.Dataset):
+    """Returns decoded pixels (K, 3, H, W) and the prompt: the uncached path, encoded by the trainer every step."""
+
+    def __init__(self, records: list[PreferenceRecord], family, resolution: int, images_per_record: int, seed: int,
+                 random_flip: bool):
+        self.records, self.family, self.resolution = records, family, resolution
+        self.images_per_record, self.seed, self.random_flip = images_per_record, seed, random_flip
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict:
+        position, epoch = item
+        record = self.records[position]
+        pixels = [
+            self.family.preprocess_image(
+                open_image(source), self.resolution, self.random_flip and flip_choice(self.seed, epoch, position, slot)
+            )
+            for slot, source in enumerate(record.images[: self.images_per_record])
+        ]
+        return {"pixels": torch.stack(pixels), "prompt": record.prompt, "index": record.index}
+
+
+def collate(items: list[dict]) -> dict:
+    batch = {"index": torch.tensor([item["index"] for item in items])}
+    if "latents" in items[0]:
+        batch["latents"] = torch.stack([item["latents"] for item in items])
+        batch["cond"] = {key: torch.stack([item["cond"][key] for item in items]) for key in items[0]["cond"]}
+    else:
+        batch["pixels"] = torch.stack([item["pixels"] for item in items])
+        batch["prompts"] = [item["prompt"] for item in items]
+    return batch
+
+
+def epoch_batches(num_records: int, batch_size: int, num_processes: int, process_index: int, epoch: int,
+                  seed: int) -> list[list[tuple[int, int]]]:
+    """This process's batches for one epoch: a seeded permutation shared by all processes, each taking its own
+    slice of every global batch. The incomplete last global batch is dropped so all processes take equal steps."""
+    order = torch.randperm(num_records, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    per_step = batch_size * num_processes
+    batches = []
+    for step in range(num_records // per_step):
+        start = step * per_step + process_index * batch_size
+        batches.append([(position, epoch) for position in order[start : start + batch_size]])
+    return batches

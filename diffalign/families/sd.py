@@ -1,0 +1,104 @@
+"""Stable Diffusion 1.x / 2.x: UNet2DConditionModel, one CLIP text encoder, DDPM noise schedule.
+
+The training target follows the scheduler's ``prediction_type``: epsilon (SD1.x, SD2-base), v_prediction
+(SD2.x 768-v) or sample.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffalign.families.base import DiffusionComponents, Family
+
+
+class StableDiffusionFamily(Family):
+    name = "sd"
+    pipeline_class_names = ("StableDiffusionPipeline",)
+
+    def load(self, model_cfg, resolved_path: str) -> DiffusionComponents:
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        common = dict(revision=model_cfg.revision)
+        unet = UNet2DConditionModel.from_pretrained(resolved_path, subfolder="unet", variant=model_cfg.variant, **common)
+        vae = AutoencoderKL.from_pretrained(resolved_path, subfolder="vae", variant=model_cfg.variant, **common)
+        text_encoder = CLIPTextModel.from_pretrained(
+            resolved_path, subfolder="text_encoder", variant=model_cfg.variant, **common
+        )
+        tokenizer = CLIPTokenizer.from_pretrained(resolved_path, subfolder="tokenizer", **common)
+        scheduler = DDPMScheduler.from_pretrained(resolved_path, subfolder="scheduler", **common)
+        vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        resolution = model_cfg.resolution or unet.config.sample_size * vae_factor
+        if resolution % vae_factor:
+            raise ValueError(f"model.resolution={resolution} must be a multiple of the VAE factor {vae_factor}")
+        return DiffusionComponents(
+            family=self,
+            pretrained=resolved_path,
+            denoiser=unet,
+            vae=vae,
+            text_encoders=[text_encoder],
+            tokenizers=[tokenizer],
+            noise_scheduler=scheduler,
+            resolution=resolution,
+        )
+
+    @torch.no_grad()
+    def encode_prompts(self, components: DiffusionComponents, prompts: list[str]) -> dict[str, torch.Tensor]:
+        tokenizer, text_encoder = components.tokenizers[0], components.text_encoders[0]
+        ids = tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(text_encoder.device)
+        hidden = text_encoder(ids)[0]
+        return {"encoder_hidden_states": hidden}
+
+    @torch.no_grad()
+    def encode_images(self, components: DiffusionComponents, pixels: torch.Tensor) -> torch.Tensor:
+        vae = components.vae
+        # The posterior mean, not a sample: deterministic, so a cached latent is the same latent every epoch.
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+        return latents * vae.config.scaling_factor
+
+    def sample_timesteps(self, components: DiffusionComponents, count: int, generator: torch.Generator) -> torch.Tensor:
+        num = components.noise_scheduler.config.num_train_timesteps
+        return torch.randint(0, num, (count,), generator=generator, device=generator.device)
+
+    def noisy_input_and_target(self, components, x0, noise, timesteps):
+        scheduler = components.noise_scheduler
+        x_t = scheduler.add_noise(x0, noise, timesteps)
+        prediction_type = scheduler.config.prediction_type
+        if prediction_type == "epsilon":
+            target = noise
+        elif prediction_type == "v_prediction":
+            target = scheduler.get_velocity(x0, noise, timesteps)
+        elif prediction_type == "sample":
+            target = x0
+        else:
+            raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+        return x_t, target
+
+    def predict(self, denoiser, x_t, timesteps, cond):
+        return denoiser(x_t, timesteps, encoder_hidden_states=cond["encoder_hidden_states"]).sample
+
+    def pipeline_class(self):
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline
+
+    def build_pipeline(self, components: DiffusionComponents, denoiser=None):
+        from diffusers import DDIMScheduler
+
+        return self.pipeline_class()(
+            vae=components.vae,
+            text_encoder=components.text_encoders[0],
+            tokenizer=components.tokenizers[0],
+            unet=denoiser if denoiser is not None else components.denoiser,
+            scheduler=DDIMScheduler.from_config(components.noise_scheduler.config),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+    def save_lora(self, directory: str, lora_state_dict: dict, adapter_metadata: dict) -> None:
+        self.pipeline_class().save_lora_weights(
+            directory, unet_lora_layers=lora_state_dict, unet_lora_adapter_metadata=adapter_metadata
+        )

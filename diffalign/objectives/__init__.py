@@ -1,0 +1,24 @@
+"""Preference objectives: pure functions of per-sample denoising errors, registered by name.
+
+Adding one is one module with a params dataclass, a loss function and a ``register_objective`` call,
+plus an import line here.
+"""
+
+from diffalign.objectives import dpo, sft  # noqa: F401  (registers the objectives)
+from diffalign.objectives.base import (
+    Objective,
+    ObjectiveInputs,
+    ObjectiveOutput,
+    available_objectives,
+    get_objective,
+    register_objective,
+)
+
+__all__ = [
+    "Objective",
+    "ObjectiveInputs",
+    "ObjectiveOutput",
+    "available_objectives",
+    "get_objective",
+    "register_objective",
+]

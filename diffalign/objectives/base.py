@@ -1,0 +1,77 @@
+"""The objective seam: inputs every objective receives, the output it returns, and how it is registered."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from diffalign.config import ConfigError, closest
+
+
+@dataclass
+class ObjectiveInputs:
+    """Per-sample denoising errors for a batch of B records with K images each.
+
+    ``policy_err[b, k]`` is mean((pred - target)^2) over (C, H, W) for image k of record b, with the trainable
+    model; ``ref_err`` is the same for the reference model (no grad), or None for reference-free objectives.
+    For pairs (K = 2), column 0 is the preferred image and column 1 the dispreferred one.
+    """
+
+    policy_err: torch.Tensor
+    ref_err: torch.Tensor | None = None
+    labels: torch.Tensor | None = None  # (B, K), 1 = desirable, 0 = undesirable
+    scores: torch.Tensor | None = None  # (B, K), higher is better
+
+
+@dataclass
+class ObjectiveOutput:
+    loss: torch.Tensor  # scalar to backpropagate
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars for logging
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A registered objective: its name, its hyperparameter dataclass and the pure loss function."""
+
+    name: str
+    params_cls: type
+    loss_fn: Callable[[ObjectiveInputs, object], ObjectiveOutput]
+    needs_reference: bool = True
+    images_per_record: int = 2
+    description: str = ""
+
+    def parse_params(self, raw: dict, prefix: str | None = None) -> object:
+        prefix = prefix or f"objective.{self.name}"
+        fields = {f.name for f in dataclasses.fields(self.params_cls)}
+        for key in raw:
+            if key not in fields:
+                raise ConfigError(f"unknown config key '{prefix}.{key}'.{closest(key, fields) if fields else ' It takes no hyperparameters.'}")
+        try:
+            params = self.params_cls(**raw)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"{prefix}: {error}") from error
+        return params
+
+    def __call__(self, inputs: ObjectiveInputs, params: object) -> ObjectiveOutput:
+        return self.loss_fn(inputs, params)
+
+
+_REGISTRY: dict[str, Objective] = {}
+
+
+def register_objective(objective: Objective) -> Objective:
+    _REGISTRY[objective.name] = objective
+    return objective
+
+
+def get_objective(name: str) -> Objective:
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown objective '{name}'.{closest(name, _REGISTRY)} Available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def available_objectives() -> list[str]:
+    return sorted(_REGISTRY)

@@ -1,0 +1,268 @@
+"""Offline tiny models and datasets: random weights, real formats.
+
+Everything here is built from a seed with no network access and saved exactly as the real thing is
+(diffusers ``save_pretrained`` folders, parquet and jsonl datasets), so tests, the demo and the benchmarks go
+through the same loading code as a hub id. ``tiny:sd15`` as a model spec and ``tiny:pairs`` as a data spec are
+built on first use and cached under ``$DIFFALIGN_CACHE`` (default ``~/.cache/diffalign``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import random
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+TINY_RESOLUTION = 32
+TINY_FAMILIES = ("sd15",)
+TINY_DATASETS = ("pairs", "pairs-parquet")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DIFFALIGN_CACHE", Path.home() / ".cache" / "diffalign"))
+
+
+def build_atomically(target: Path, build) -> Path:
+    """Run ``build(tmp_dir)`` and rename the result into place, so a killed or racing build never leaves a
+    half-written folder at ``target`` (two processes may race; the loser's copy is discarded)."""
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not target.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+def build_clip_tokenizer(out_dir: str | Path | None = None):
+    """A transformers CLIPTokenizer with the real 49,408-token CLIP vocabulary, derived from the BPE file that
+    open_clip ships (so it needs no download). Saved to ``out_dir`` when given."""
+    import open_clip
+    from open_clip.tokenizer import bytes_to_unicode
+    from transformers import CLIPTokenizer
+
+    bpe_path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]  # line 0 is a version header; CLIP keeps the first 48,894 merges
+    byte_tokens = list(bytes_to_unicode().values())
+    tokens = byte_tokens + [token + "</w>" for token in byte_tokens]
+    tokens += ["".join(merge.split()) for merge in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    merge_pairs = [tuple(merge.split()) for merge in merges]
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merge_pairs, model_max_length=77)
+    if out_dir is not None:
+        tokenizer.save_pretrained(str(out_dir))
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------- models
+def tiny_text_encoder(seed: int, hidden_size: int = 32):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=hidden_size,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    return CLIPTextModel(config)
+
+
+def tiny_vae(seed: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    # Three blocks: an 8x downsampling VAE would leave 4x4 latents at 32 px, too small to carry structure.
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=TINY_RESOLUTION,
+        scaling_factor=0.18215,
+    )
+
+
+def tiny_sd15_unet(seed: int, cross_attention_dim: int = 32):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=TINY_RESOLUTION // 4,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+
+
+def sd15_scheduler_config() -> dict:
+    """The noise schedule of SD1.5 (scaled-linear betas, 1000 steps, epsilon prediction)."""
+    return dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+
+
+def build_tiny_sd15(out_dir: str | Path, seed: int = 0) -> Path:
+    """Save a tiny SD1.5-shaped StableDiffusionPipeline with random weights to ``out_dir``."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    text_encoder = tiny_text_encoder(seed)
+    pipe = StableDiffusionPipeline(
+        vae=tiny_vae(seed + 1),
+        text_encoder=text_encoder,
+        tokenizer=build_clip_tokenizer(),
+        unet=tiny_sd15_unet(seed + 2, cross_attention_dim=text_encoder.config.hidden_size),
+        scheduler=DDIMScheduler(**sd15_scheduler_config()),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(out_dir))
+    return Path(out_dir)
+
+
+MODEL_BUILDERS = {"sd15": build_tiny_sd15}
+
+
+def build_tiny_model(out_dir: str | Path, family: str = "sd15", seed: int = 0) -> Path:
+    if family not in MODEL_BUILDERS:
+        raise ValueError(f"no tiny model for family '{family}'; available: {', '.join(MODEL_BUILDERS)}")
+    return MODEL_BUILDERS[family](out_dir, seed=seed)
+
+
+# ---------------------------------------------------------------------------------------------- data
+SHAPES = ("square", "circle", "triangle")
+COLOURS = {"red": (220, 40, 40), "blue": (40, 70, 220)}
+
+
+def draw_shape(shape: str, colour: str, rng: random.Random, size: int = TINY_RESOLUTION) -> Image.Image:
+    """A coloured shape at a random place on a light grey background."""
+    image = Image.new("RGB", (size, size), (200, 200, 200))
+    draw = ImageDraw.Draw(image)
+    extent = rng.randint(size * 5 // 16, size * 5 // 8)
+    x0, y0 = rng.randint(0, size - extent), rng.randint(0, size - extent)
+    box = (x0, y0, x0 + extent - 1, y0 + extent - 1)
+    fill = COLOURS[colour]
+    if shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape == "circle":
+        draw.ellipse(box, fill=fill)
+    else:
+        draw.polygon([(x0, y0 + extent - 1), (x0 + extent - 1, y0 + extent - 1), (x0 + extent // 2, y0)], fill=fill)
+    return image
+
+
+def encode(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, quality=95) if fmt == "JPEG" else image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def build_tiny_pairs(out_dir: str | Path, num_pairs: int = 64, seed: int = 0, num_ties: int = 4) -> Path:
+    """Synthetic preference pairs: the same prompt drawn in red (preferred) and blue (dispreferred).
+
+    Writes ``out_dir/pairs.parquet`` (Pick-a-Pic schema, winner side shuffled, plus ``num_ties`` tie rows that
+    readers drop) and ``out_dir/jsonl/`` (PNG files + metadata.jsonl with chosen/rejected file names).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out_dir = Path(out_dir)
+    (out_dir / "jsonl").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    rows = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": [], "label_1": []}
+    metadata = []
+    for index in range(num_pairs + num_ties):
+        shape = SHAPES[index % len(SHAPES)]
+        prompt = f"a {shape} on a grey background"
+        chosen, rejected = draw_shape(shape, "red", rng), draw_shape(shape, "blue", rng)
+        if index >= num_pairs:  # ties only go to the parquet form, to exercise tie handling
+            rows["caption"].append(prompt)
+            rows["jpg_0"].append(encode(chosen, "JPEG"))
+            rows["jpg_1"].append(encode(rejected, "JPEG"))
+            rows["label_0"].append(0.5)
+            rows["label_1"].append(0.5)
+            continue
+        chosen_name, rejected_name = f"{index:05d}_chosen.png", f"{index:05d}_rejected.png"
+        chosen.save(out_dir / "jsonl" / chosen_name)
+        rejected.save(out_dir / "jsonl" / rejected_name)
+        metadata.append({"prompt": prompt, "chosen_file_name": chosen_name, "rejected_file_name": rejected_name})
+        winner_first = rng.random() < 0.5
+        first, second = (chosen, rejected) if winner_first else (rejected, chosen)
+        rows["caption"].append(prompt)
+        rows["jpg_0"].append(encode(first, "JPEG"))
+        rows["jpg_1"].append(encode(second, "JPEG"))
+        rows["label_0"].append(1.0 if winner_first else 0.0)
+        rows["label_1"].append(0.0 if winner_first else 1.0)
+    with open(out_dir / "jsonl" / "metadata.jsonl", "w") as handle:
+        for entry in metadata:
+            handle.write(json.dumps(entry) + "\n")
+    pq.write_table(pa.table(rows), out_dir / "pairs.parquet")
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------- specs
+def is_tiny_spec(spec: str) -> bool:
+    return isinstance(spec, str) and spec.startswith("tiny:")
+
+
+def resolve_model_spec(spec: str, seed: int = 0) -> str:
+    """``tiny:<family>`` -> path of the cached tiny model (built on first use); anything else unchanged."""
+    if not is_tiny_spec(spec):
+        return spec
+    family = spec.split(":", 1)[1]
+    if family not in MODEL_BUILDERS:
+        raise ValueError(f"unknown tiny model '{spec}'; available: {', '.join('tiny:' + f for f in MODEL_BUILDERS)}")
+    target = cache_root() / "tiny" / f"{family}-seed{seed}"
+    return str(build_atomically(target, lambda tmp: build_tiny_model(tmp, family, seed)))
+
+
+def resolve_data_spec(spec: str, seed: int = 0) -> str:
+    """``tiny:pairs`` -> the cached jsonl folder, ``tiny:pairs-parquet`` -> the parquet file."""
+    if not is_tiny_spec(spec):
+        return spec
+    name = spec.split(":", 1)[1]
+    if name not in TINY_DATASETS:
+        raise ValueError(f"unknown tiny dataset '{spec}'; available: {', '.join('tiny:' + d for d in TINY_DATASETS)}")
+    root = build_atomically(cache_root() / "tiny" / f"pairs-seed{seed}", lambda tmp: build_tiny_pairs(tmp, seed=seed))
+    return str(root / "jsonl") if name == "pairs" else str(root / "pairs.parquet")

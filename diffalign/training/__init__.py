@@ -1,0 +1,1 @@
+"""Training: the loop, LoRA handling, optimizers, checkpoints, validation images and model cards."""

@@ -1,0 +1,121 @@
+"""LoRA on the denoiser: attach with peft, save in the diffusers format (with alpha metadata), export to kohya."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from pathlib import Path
+
+import torch
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
+
+
+def attach_lora(denoiser: torch.nn.Module, lora_cfg, default_targets) -> None:
+    """Add a trainable peft LoRA adapter named "default" and freeze everything else."""
+    from peft import LoraConfig
+
+    denoiser.requires_grad_(False)
+    config = LoraConfig(
+        r=lora_cfg.rank,
+        lora_alpha=lora_cfg.alpha if lora_cfg.alpha is not None else lora_cfg.rank,
+        lora_dropout=lora_cfg.dropout,
+        init_lora_weights="gaussian",
+        target_modules=list(lora_cfg.target_modules or default_targets),
+    )
+    denoiser.add_adapter(config)
+    if not any(p.requires_grad for p in denoiser.parameters()):
+        raise ValueError(f"lora.target_modules={lora_cfg.target_modules} matched no module of the denoiser")
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: torch.nn.Module):
+    """The reference model for LoRA training: the same weights with the adapters off.
+
+    Call it on the *unwrapped* model: under DDP, toggling adapters through the wrapper fails (diffusers #6351).
+    """
+    model.disable_adapters()
+    try:
+        yield model
+    finally:
+        model.enable_adapters()
+
+
+def peft_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def adapter_metadata(model: torch.nn.Module) -> dict:
+    """The peft config as a dict; saved next to the weights so lora_alpha survives a reload (FACTS: without it,
+    alpha silently falls back to the rank)."""
+    return model.peft_config["default"].to_dict()
+
+
+def lora_checksum(model: torch.nn.Module) -> str:
+    """A hash of the trainable LoRA weights: equal across processes when DDP kept them in sync."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(peft_state_dict(model).items()):
+        digest.update(name.encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def save_lora(family, model: torch.nn.Module, directory: str | Path) -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` in the format the family's diffusers pipeline loads."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = convert_state_dict_to_diffusers(peft_state_dict(model))
+    family.save_lora(str(directory), state, adapter_metadata(model))
+    return directory / LORA_WEIGHT_NAME
+
+
+def load_lora_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    from peft.utils import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, state)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ValueError(f"LoRA state has keys the model does not: {unexpected[:3]}")
+
+
+def export_kohya(run_dir: str | Path, out_path: str | Path | None = None, prefix: str = "unet") -> Path:
+    """Convert a run's diffusers LoRA file to the kohya / ComfyUI / A1111 key format.
+
+    diffusers' converter writes each module's ``.alpha`` as the rank; we write the real alpha from the saved
+    adapter metadata, so a LoRA trained with alpha != rank keeps its strength in other tools.
+    """
+    from diffusers.utils import convert_state_dict_to_kohya, convert_unet_state_dict_to_peft
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    run_dir = Path(run_dir)
+    source = run_dir / LORA_WEIGHT_NAME if run_dir.is_dir() else run_dir
+    if not source.is_file():
+        raise FileNotFoundError(f"no {LORA_WEIGHT_NAME} in {run_dir}; give a finished run folder or checkpoint")
+    with safe_open(str(source), framework="pt") as handle:
+        header = handle.metadata() or {}
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    alpha = _alpha_from_metadata(header)
+    unet_tensors = {k.removeprefix(f"{prefix}."): v for k, v in tensors.items() if k.startswith(f"{prefix}.")}
+    peft_state = {f"{prefix}.{k}": v for k, v in convert_unet_state_dict_to_peft(unet_tensors).items()}
+    kohya = convert_state_dict_to_kohya(peft_state)
+    for key in kohya:
+        if key.endswith(".alpha") and alpha is not None:
+            kohya[key] = torch.tensor(float(alpha))
+    out_path = Path(out_path) if out_path else source.parent / KOHYA_WEIGHT_NAME
+    save_file({k: v.contiguous() for k, v in kohya.items()}, str(out_path), metadata={"ss_network_module": "networks.lora"})
+    return out_path
+
+
+def _alpha_from_metadata(header: dict) -> float | None:
+    """diffusers stores the peft config flat as JSON under "lora_adapter_metadata": {"unet.lora_alpha": 8, ...}."""
+    import json
+
+    data = json.loads(header.get("lora_adapter_metadata", "{}"))
+    alphas = [value for key, value in data.items() if key == "lora_alpha" or key.endswith(".lora_alpha")]
+    return float(alphas[0]) if alphas else None

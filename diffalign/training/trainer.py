@@ -1,0 +1,357 @@
+"""The training loop: one function, readable top to bottom.
+
+    result = train(load_config("configs/tiny_dpo.yaml"))
+
+Per step: every record's K images share one noise and one timestep; one policy forward runs over all K*B
+latents ([winners; losers] for pairs); the reference forward runs under no_grad on the unwrapped model with its
+adapters disabled; the objective turns per-sample errors into a loss.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from diffalign.config import Config, ConfigError, save_config
+from diffalign.objectives import ObjectiveInputs, get_objective
+from diffalign.training import checkpoint as ckpt
+from diffalign.training.lora import adapters_disabled, attach_lora, lora_checksum, save_lora
+from diffalign.training.optim import build_lr_scheduler, build_optimizer, effective_learning_rate
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped early (repeated non-finite losses); the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    global_step: int
+    skipped_steps: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    lora_path: Path | None = None
+    grid_path: Path | None = None
+    denoiser: torch.nn.Module | None = field(default=None, repr=False)  # the trained (unwrapped) model, for use in the same process
+
+
+def step_generator(seed: int, micro_step: int, process_index: int) -> torch.Generator:
+    """Noise, timesteps and prompt dropout come from a generator seeded by (seed, micro-step, rank), so a
+    resumed run draws exactly what an uninterrupted one would have drawn."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + micro_step) * 1_009 + process_index)
+
+
+def per_sample_errors(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return ((pred.float() - target.float()) ** 2).mean(dim=tuple(range(1, pred.ndim)))
+
+
+def denoising_errors(family, components, model, latents, cond, generator, device, with_reference: bool):
+    """Policy (and reference) errors, shape (B, K), for latents (B, K, C, h, w) and per-record conditioning."""
+    batch, k = latents.shape[:2]
+    noise = torch.randn((batch, 1, *latents.shape[2:]), generator=generator).to(device).expand_as(latents)
+    timesteps = family.sample_timesteps(components, batch, generator).to(device)
+    # [image 0 of every record; image 1 of every record; ...]: for pairs, winners then losers.
+    x0 = latents.transpose(0, 1).reshape(k * batch, *latents.shape[2:])
+    eps = noise.transpose(0, 1).reshape(k * batch, *latents.shape[2:])
+    t = timesteps.repeat(k)
+    cond = {name: tensor.repeat(k, *([1] * (tensor.ndim - 1))) for name, tensor in cond.items()}
+    x_t, target = family.noisy_input_and_target(components, x0, eps, t)
+    policy_err = per_sample_errors(family.predict(model, x_t, t, cond), target).view(k, batch).T
+    ref_err = None
+    if with_reference:
+        reference = unwrap(model)
+        with torch.no_grad(), adapters_disabled(reference):
+            ref_err = per_sample_errors(family.predict(reference, x_t, t, cond), target).view(k, batch).T
+    return policy_err, ref_err
+
+
+def unwrap(model):
+    return getattr(model, "module", model)
+
+
+def build_accelerator(cfg: Config, output_dir: Path):
+    from accelerate import Accelerator, PartialState
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import ProjectConfiguration
+
+    if cfg.train.mixed_precision == "fp16" and PartialState().device.type == "cpu":
+        raise ConfigError(
+            "train.mixed_precision=fp16 needs a GPU: on CPU accelerate silently ignores it. "
+            "Use train.mixed_precision=bf16 or no."
+        )
+    # accelerate keeps its settings in process-wide singletons; a second train() in one process (a notebook,
+    # a sweep, the tests) may use other settings, so start from fresh ones. The process group is kept.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    return Accelerator(
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        mixed_precision=cfg.train.mixed_precision,
+        log_with=None if cfg.log.report_to == "none" else cfg.log.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+
+
+def prepare_data(cfg: Config, components, accelerator, images_per_record: int):
+    from diffalign.data import read_preferences
+    from diffalign.data.cache import build_feature_cache
+    from diffalign.data.dataset import CachedPreferenceDataset, RawPreferenceDataset
+    from diffalign.tiny import resolve_data_spec
+
+    with accelerator.main_process_first():  # the main process builds tiny data and the cache; the rest reuse it
+        source = resolve_data_spec(cfg.data.source)
+        records, report = read_preferences(cfg.data, source)
+        if not records:
+            raise ConfigError(f"data.source={cfg.data.source}: no usable records.\n{report.summary()}")
+        if cfg.data.cache:
+            cache, cached = build_feature_cache(records, components, cfg.data, cfg.model,
+                                                show_progress=accelerator.is_main_process)
+            dataset = CachedPreferenceDataset(cache, cached, images_per_record, cfg.train.seed, cfg.data.random_flip)
+        else:
+            dataset = RawPreferenceDataset(records, components.family, components.resolution, images_per_record,
+                                           cfg.train.seed, cfg.data.random_flip)
+    return dataset, report
+
+
+def train(cfg: Config) -> TrainResult:
+    from diffalign.data.dataset import collate, epoch_batches
+    from diffalign.families import load_components
+    from diffalign.training.validation import render_validation
+
+    output_dir = Path(cfg.train.output_dir)
+    accelerator = build_accelerator(cfg, output_dir)
+    objective = get_objective(cfg.objective.name)
+    params = objective.parse_params(cfg.objective.selected)
+    torch.manual_seed(cfg.train.seed)
+    if cfg.train.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    # ---- model: frozen parts in the mixed-precision dtype, LoRA parameters in fp32
+    with accelerator.main_process_first():
+        components = load_components(cfg.model)
+    family, device = components.family, accelerator.device
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    for module in components.frozen_modules():
+        module.requires_grad_(False).to(device, dtype=weight_dtype)
+    denoiser = components.denoiser.to(device, dtype=weight_dtype)
+    attach_lora(denoiser, cfg.lora, family.default_lora_targets)
+    for param in denoiser.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    if cfg.train.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+
+    # ---- data
+    dataset, report = prepare_data(cfg, components, accelerator, objective.images_per_record)
+    batches_per_epoch = len(epoch_batches(len(dataset), cfg.train.batch_size, accelerator.num_processes, 0, 0, 0))
+    if batches_per_epoch == 0:
+        raise ConfigError(
+            f"{len(dataset)} records cannot fill one step of train.batch_size={cfg.train.batch_size} x "
+            f"{accelerator.num_processes} processes; lower train.batch_size or add data"
+        )
+    empty_cond = family.encode_prompts(components, [""]) if cfg.data.prompt_dropout > 0 else None
+
+    # ---- optimization
+    trainable = [p for p in denoiser.parameters() if p.requires_grad]
+    optimizer = build_optimizer(trainable, cfg.train, effective_learning_rate(cfg.train, accelerator.num_processes))
+    lr_scheduler = build_lr_scheduler(optimizer, cfg.train, accelerator.num_processes)
+    denoiser, optimizer, lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
+    register_lora_checkpoint_hooks(accelerator, family)
+
+    global_step, skipped_steps = 0, 0
+    resume_from = ckpt.resolve_resume(output_dir, cfg.train.resume)
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(accelerator, resume_from)
+        global_step, skipped_steps = state["global_step"], state["skipped_steps"]
+        accelerator.print(f"resumed from {resume_from} at step {global_step}")
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output_dir / "config.yaml")
+        if accelerator.log_with:
+            accelerator.init_trackers("diffalign", config=flat_hparams(cfg))
+
+    # ---- loop
+    accumulation = cfg.train.gradient_accumulation_steps
+    micro_step = global_step * accumulation
+    window_finite, consecutive_bad = True, 0
+    sums: dict[str, float] = {}
+    sum_count = 0
+    last_metrics: dict[str, float] = {}
+    progress = tqdm(total=cfg.train.max_steps, initial=global_step, desc="training",
+                    disable=not accelerator.is_main_process)
+    started, first_step_done, first_step = time.time(), None, global_step
+    denoiser.train()
+    while global_step < cfg.train.max_steps:
+        epoch, position = divmod(micro_step, batches_per_epoch)
+        batch_indices = epoch_batches(len(dataset), cfg.train.batch_size, accelerator.num_processes,
+                                      accelerator.process_index, epoch, cfg.train.seed)[position]
+        batch = collate([dataset[item] for item in batch_indices])
+        generator = step_generator(cfg.train.seed, micro_step, accelerator.process_index)
+        micro_step += 1
+
+        with accelerator.accumulate(denoiser):
+            if "latents" in batch:
+                latents, cond = batch["latents"].to(device), {k: v.to(device) for k, v in batch["cond"].items()}
+            else:  # uncached: encode every step, as the diffusers reference script does
+                pixels = batch["pixels"]
+                latents = family.encode_images(components, pixels.flatten(0, 1)).float()
+                latents = latents.view(*pixels.shape[:2], *latents.shape[1:])
+                cond = family.encode_prompts(components, batch["prompts"])
+            if empty_cond is not None:
+                drop = (torch.rand(latents.shape[0], generator=generator) < cfg.data.prompt_dropout).to(device)
+                cond = {k: torch.where(drop.view(-1, *[1] * (v.ndim - 1)), empty_cond[k].to(v.dtype), v)
+                        for k, v in cond.items()}
+            cond = {k: v.to(weight_dtype) for k, v in cond.items()}
+            policy_err, ref_err = denoising_errors(
+                family, components, denoiser, latents.to(weight_dtype), cond, generator, device,
+                with_reference=objective.needs_reference,
+            )
+            output = objective(ObjectiveInputs(policy_err=policy_err, ref_err=ref_err), params)
+            loss = output.loss
+            # Every process must agree to skip, or DDP's gradient all-reduce would hang.
+            finite = accelerator.reduce(torch.isfinite(loss).float().to(device), reduction="sum").item()
+            if finite == accelerator.num_processes:
+                accelerator.backward(loss)
+                for name, value in {"loss": loss.detach(), **output.metrics}.items():
+                    sums[name] = sums.get(name, 0.0) + float(value)
+                sum_count += 1
+            else:
+                window_finite = False
+                # A zero loss over the trainable weights keeps DDP's collective calls in step on every process.
+                accelerator.backward(sum(p.sum() for p in trainable) * 0.0)
+            if accelerator.sync_gradients:
+                if window_finite:
+                    accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    consecutive_bad = 0
+                else:
+                    skipped_steps += 1
+                    consecutive_bad += 1
+                optimizer.zero_grad(set_to_none=True)
+
+        if not accelerator.sync_gradients:
+            continue
+        global_step += 1
+        progress.update(1)
+        if first_step_done is None:
+            first_step_done, first_step = time.time(), global_step
+        if consecutive_bad:
+            accelerator.print(f"step {global_step}: non-finite loss, step skipped ({consecutive_bad} in a row)")
+        if consecutive_bad >= cfg.train.max_consecutive_nonfinite:
+            progress.close()
+            raise TrainingStopped(
+                f"{consecutive_bad} non-finite losses in a row at step {global_step}; stopped. The last good "
+                f"checkpoint in {output_dir} is kept. Lower train.learning_rate or check the data."
+            )
+        window_finite = True
+
+        if global_step % cfg.log.every_n_steps == 0 or global_step == cfg.train.max_steps:
+            last_metrics = reduce_metrics(accelerator, sums, sum_count)
+            last_metrics.update(lr=lr_scheduler.get_last_lr()[0], skipped_steps=skipped_steps)
+            sums, sum_count = {}, 0
+            accelerator.log(last_metrics, step=global_step)
+            progress.set_postfix({k: f"{v:.4g}" for k, v in last_metrics.items() if k in ("loss", "implicit_acc")})
+        if cfg.log.validation_every_n_steps and global_step % cfg.log.validation_every_n_steps == 0:
+            log_validation(accelerator, components, unwrap(denoiser), cfg, global_step, output_dir, render_validation)
+        if global_step % cfg.train.checkpointing_steps == 0 and global_step < cfg.train.max_steps:
+            ckpt.save_checkpoint(accelerator, output_dir, global_step,
+                                 {"global_step": global_step, "skipped_steps": skipped_steps},
+                                 cfg.train.checkpoints_total_limit)
+    progress.close()
+    loop_ended = time.time()
+
+    # ---- outputs
+    accelerator.wait_for_everyone()
+    model = unwrap(denoiser)
+    checksums = accelerator.gather_for_metrics([lora_checksum(model)], use_gather_object=True)
+    result = TrainResult(output_dir, global_step, skipped_steps, last_metrics, denoiser=model)
+    if accelerator.is_main_process:
+        result.lora_path = save_lora(family, model, output_dir)
+        grid = output_dir / "samples" / f"step-{global_step}.png"
+        if cfg.log.validation_every_n_steps and not grid.exists():
+            log_validation(accelerator, components, model, cfg, global_step, output_dir, render_validation)
+        result.grid_path = grid if grid.exists() else None
+        run_info = {
+            "global_step": global_step,
+            "skipped_steps": skipped_steps,
+            "num_processes": accelerator.num_processes,
+            "lora_checksums": list(checksums),
+            "wall_time_s": round(time.time() - started, 2),
+            # steady-state speed: the first step (allocation, warm-up) is left out
+            "seconds_per_step": (loop_ended - first_step_done) / (global_step - first_step)
+            if first_step_done and global_step > first_step else None,
+            "data": {"kept": report.kept, "skipped": dict(report.skipped)},
+            "final_metrics": last_metrics,
+        }
+        (output_dir / "run_info.json").write_text(json.dumps(run_info, indent=2))
+        from diffalign.training.model_card import write_model_card
+
+        write_model_card(cfg, output_dir, run_info, base_path=components.pretrained)
+    accelerator.end_training()
+    return result
+
+
+def reduce_metrics(accelerator, sums: dict[str, float], count: int) -> dict[str, float]:
+    """Mean of each logged quantity over the window and over processes."""
+    if not sums:
+        return {}
+    names = sorted(sums)
+    local = torch.tensor([sums[n] / max(count, 1) for n in names], device=accelerator.device)
+    mean = accelerator.reduce(local, reduction="mean")
+    return {name: float(value) for name, value in zip(names, mean)}
+
+
+def log_validation(accelerator, components, model, cfg, step, output_dir, render):
+    if not accelerator.is_main_process:
+        return
+    path = output_dir / "samples" / f"step-{step}.png"
+    grid = render(components, model, cfg.log, accelerator.device, path)
+    tracker = tracker_or_none(accelerator, "tensorboard")
+    if tracker is not None:
+        import numpy as np
+
+        tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+
+
+def tracker_or_none(accelerator, name):
+    try:
+        return accelerator.get_tracker(name, unwrap=False) if accelerator.log_with else None
+    except (ValueError, KeyError):
+        return None
+
+
+def flat_hparams(cfg: Config) -> dict:
+    flat = {}
+    for section, values in cfg.to_dict().items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
+    return flat
+
+
+def register_lora_checkpoint_hooks(accelerator, family):
+    """Checkpoints store only the LoRA (not the multi-GB base weights), in the diffusers format."""
+    from safetensors.torch import load_file, save_file
+
+    from diffalign.training.lora import load_lora_state, peft_state_dict
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:  # hooks run on every process; one writer is enough
+            for model in models:
+                save_lora(family, unwrap(model), output_dir)
+                save_file(peft_state_dict(unwrap(model)), str(Path(output_dir) / "lora_state.safetensors"))
+        weights.clear()
+
+    def load_hook(models, input_dir):
+        state = load_file(str(Path(input_dir) / "lora_state.safetensors"))
+        while models:
+            load_lora_state(unwrap(models.pop()), state)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+__all__ = ["TrainResult", "TrainingStopped", "train"]

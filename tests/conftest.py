@@ -1,0 +1,44 @@
+"""Shared fixtures: a per-session cache for tiny models, tiny data and features, and small train configs."""
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Before diffalign is imported anywhere: tiny models and feature caches go to a throwaway folder, not ~/.cache.
+os.environ.setdefault("DIFFALIGN_CACHE", tempfile.mkdtemp(prefix="diffalign-test-cache-"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path() -> str:
+    from diffalign.tiny import resolve_model_spec
+
+    return resolve_model_spec("tiny:sd15")
+
+
+@pytest.fixture(scope="session")
+def tiny_data_path() -> str:
+    from diffalign.tiny import resolve_data_spec
+
+    return resolve_data_spec("tiny:pairs")
+
+
+def tiny_overrides(output_dir, **extra) -> list[str]:
+    """A short tiny DPO run: small enough for the fast suite."""
+    values = {
+        "train.output_dir": str(output_dir),
+        "train.max_steps": 6,
+        "train.batch_size": 4,
+        "train.learning_rate": 1e-3,
+        "train.checkpointing_steps": 3,
+        "log.every_n_steps": 1,
+        "log.validation_every_n_steps": 0,
+        "log.report_to": "none",
+    }
+    values.update(extra)
+    return [f"{key}={value}" for key, value in values.items()]
