@@ -22,6 +22,8 @@ def main() -> int:
     print()
     print(f"trained {result.global_step} DPO steps in {time.time() - started:.0f} s "
           f"(final loss {metrics.get('loss', float('nan')):.4f}, implicit accuracy {metrics.get('implicit_acc', 0):.2f})")
+    print("(the tiny model has random weights, so its samples are noise: the demo shows the whole pipeline,\n"
+          " not image quality; point model.pretrained and data.source at real ones for that)")
     print(f"LoRA:        {result.lora_path}")
     print(f"model card:  {result.output_dir / 'README.md'}")
     print(f"sample grid: {result.grid_path}")

@@ -189,3 +189,13 @@ def test_fp16_on_cpu_is_refused_and_bf16_runs(tmp_path):
 def test_sft_runs_without_reference(tmp_path):
     result = train(tiny_cfg(tmp_path, **{"objective.name": "sft", "train.max_steps": 2}))
     assert set(result.metrics) >= {"loss", "policy_mse_w"} and "implicit_acc" not in result.metrics
+
+
+def test_gradient_checkpointing_gives_the_same_training(tmp_path):
+    plain = train(tiny_cfg(tmp_path, "plain", **{"train.max_steps": 2}))
+    checkpointed = train(tiny_cfg(tmp_path, "ckpt", **{"train.max_steps": 2, "train.gradient_checkpointing": True}))
+    a = lora_tensors(plain.output_dir / "pytorch_lora_weights.safetensors")
+    b = lora_tensors(checkpointed.output_dir / "pytorch_lora_weights.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+    assert checkpointed.denoiser.is_gradient_checkpointing

@@ -134,9 +134,10 @@ def train(cfg: Config) -> TrainResult:
         components = load_components(cfg.model)
     family, device = components.family, accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    cast = {"dtype": weight_dtype} if weight_dtype != torch.float32 else {}
     for module in components.frozen_modules():
-        module.requires_grad_(False).to(device, dtype=weight_dtype)
-    denoiser = components.denoiser.to(device, dtype=weight_dtype)
+        module.requires_grad_(False).to(device, **cast)
+    denoiser = components.denoiser.to(device, **cast)
     attach_lora(denoiser, cfg.lora, family.default_lora_targets)
     for param in denoiser.parameters():
         if param.requires_grad:
