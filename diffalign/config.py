@@ -36,7 +36,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: str = "tiny:pairs"  # hub dataset id, parquet file/dir/glob, folder with metadata.jsonl, or tiny:pairs
-    format: str = "auto"  # auto | pickapic | chosen_rejected | jsonl
+    format: str = "auto"  # auto | pickapic | chosen_rejected | labelled | ranked | jsonl
     split: str = "train"
     strict: bool = False  # bad records are fatal instead of skipped and counted
     drop_ties: bool = True  # Pick-a-Pic label_0 == 0.5; kept ties are trained in source order (diffusers' behaviour)
@@ -49,9 +49,17 @@ class DataConfig:
     encode_batch_size: int = 8
 
 
+REFERENCE_STRATEGIES = ["auto", "lora_disabled", "frozen_copy", "ema", "none"]
+
+
 @dataclass
 class ObjectiveConfig:
     name: str = "dpo"
+    # auto: none for reference-free objectives, lora_disabled with LoRA, frozen_copy for full fine-tuning
+    reference: str = "auto"
+    reference_offload: bool = False  # frozen_copy / full-model ema: keep the copy on the CPU between passes
+    ema_decay: float = 0.99  # ema: ref <- decay * ref + (1 - decay) * policy ...
+    ema_update_every: int = 10  # ... every this many optimizer steps
     params: dict[str, dict[str, Any]] = field(default_factory=dict)  # per objective: {"dpo": {"beta": 5000}}
 
     @property
@@ -67,6 +75,15 @@ class LoraConfig:
     alpha: float | None = None  # None = rank (scale 1)
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
+
+
+@dataclass
+class TimestepConfig:
+    sampling: str = "uniform"  # uniform over the schedule (or over `interval`)
+    interval: list[int] | None = None  # [t_lo, t_hi): sample only inside this segment (timestep-segment training)
+    weighting: str = "none"  # none | min_snr | table: per-sample weights on the policy and reference errors
+    min_snr_gamma: float = 5.0
+    weight_table: list[list[float]] = field(default_factory=list)  # [[t_lo, t_hi, weight], ...]; 1 elsewhere
 
 
 @dataclass
@@ -93,6 +110,7 @@ class TrainConfig:
     checkpoints_total_limit: int | None = None
     resume: str | None = None  # "latest" or a checkpoint folder
     max_consecutive_nonfinite: int = 5  # stop after this many non-finite losses in a row
+    timesteps: TimestepConfig = field(default_factory=TimestepConfig)
 
 
 @dataclass
@@ -119,12 +137,13 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         raw = dataclasses.asdict(self)
-        raw["objective"] = {"name": self.objective.name, **self.objective.params}
+        objective = raw["objective"]
+        raw["objective"] = {**{k: v for k, v in objective.items() if k != "params"}, **self.objective.params}
         return raw
 
     def validate(self) -> Config:
         check_choice("train.mixed_precision", self.train.mixed_precision, ["no", "bf16", "fp16"])
-        check_choice("data.format", self.data.format, ["auto", "pickapic", "chosen_rejected", "jsonl"])
+        check_choice("data.format", self.data.format, ["auto", "pickapic", "chosen_rejected", "labelled", "ranked", "jsonl"])
         check_choice("data.cache_dtype", self.data.cache_dtype, ["float32", "float16", "bfloat16"])
         check_choice("log.report_to", self.log.report_to, ["tensorboard", "wandb", "none"])
         for key, value in [
@@ -140,8 +159,7 @@ class Config:
             raise ConfigError(f"data.prompt_dropout must be in [0, 1), got {self.data.prompt_dropout}")
         if self.train.learning_rate <= 0:
             raise ConfigError(f"train.learning_rate must be positive, got {self.train.learning_rate}")
-        if not self.lora.enabled:
-            raise ConfigError("lora.enabled=false (full fine-tuning) is not supported yet; set lora.enabled=true")
+        validate_timesteps(self.train.timesteps)
         from diffalign.objectives import available_objectives, get_objective
 
         get_objective(self.objective.name)
@@ -155,7 +173,57 @@ class Config:
             # Every section is checked (a typo in an unused one is still a typo) and filled with defaults.
             sections[section] = dataclasses.asdict(get_objective(section).parse_params(values, prefix=f"objective.{section}"))
         self.objective.params = sections
+        resolve_reference(self)
         return self
+
+
+def resolve_reference(cfg: Config) -> str:
+    """The reference strategy to use, after refusing combinations that make no sense."""
+    from diffalign.objectives import get_objective
+
+    objective_cfg = cfg.objective
+    check_choice("objective.reference", objective_cfg.reference, REFERENCE_STRATEGIES)
+    objective = get_objective(objective_cfg.name)
+    reference = objective_cfg.reference
+    if not objective.needs_reference:
+        if reference not in ("auto", "none"):
+            raise ConfigError(f"objective '{objective.name}' runs no reference pass, so objective.reference={reference} "
+                              "has no use; remove it or set objective.reference=none")
+        return "none"
+    if reference == "none":
+        raise ConfigError(f"objective '{objective.name}' needs a reference model; set objective.reference to "
+                          "lora_disabled (LoRA), frozen_copy or ema")
+    if reference == "auto":
+        reference = "lora_disabled" if cfg.lora.enabled else "frozen_copy"
+    if reference == "lora_disabled" and not cfg.lora.enabled:
+        raise ConfigError("objective.reference=lora_disabled needs LoRA training: with lora.enabled=false there are no "
+                          "adapters to disable. Use objective.reference=frozen_copy (or ema) for full fine-tuning")
+    if objective_cfg.reference_offload and not (reference == "frozen_copy" or (reference == "ema" and not cfg.lora.enabled)):
+        raise ConfigError("objective.reference_offload applies to a separate reference copy (frozen_copy, or ema with "
+                          f"full fine-tuning), not to objective.reference={reference}")
+    if not 0.0 <= objective_cfg.ema_decay < 1.0 or objective_cfg.ema_update_every < 1:
+        raise ConfigError("objective.ema_decay must be in [0, 1) and objective.ema_update_every at least 1")
+    return reference
+
+
+def validate_timesteps(ts: TimestepConfig) -> None:
+    check_choice("train.timesteps.sampling", ts.sampling, ["uniform"])
+    check_choice("train.timesteps.weighting", ts.weighting, ["none", "min_snr", "table"])
+    if ts.interval is not None:
+        if len(ts.interval) != 2 or not 0 <= ts.interval[0] < ts.interval[1]:
+            raise ConfigError(f"train.timesteps.interval must be [t_lo, t_hi) with 0 <= t_lo < t_hi, got {ts.interval}")
+    if ts.weighting == "min_snr" and ts.min_snr_gamma <= 0:
+        raise ConfigError(f"train.timesteps.min_snr_gamma must be positive, got {ts.min_snr_gamma}")
+    if ts.weighting == "table":
+        if not ts.weight_table:
+            raise ConfigError("train.timesteps.weighting=table needs train.timesteps.weight_table: [[t_lo, t_hi, weight], ...]")
+        spans = sorted((row[0], row[1]) for row in ts.weight_table if len(row) == 3)
+        if len(spans) != len(ts.weight_table) or any(lo >= hi for lo, hi in spans):
+            raise ConfigError(f"train.timesteps.weight_table rows must be [t_lo, t_hi, weight] with t_lo < t_hi, got {ts.weight_table}")
+        if any(prev_hi > lo for (_, prev_hi), (lo, _) in zip(spans, spans[1:])):
+            raise ConfigError(f"train.timesteps.weight_table intervals overlap: {ts.weight_table}")
+    elif ts.weight_table:
+        raise ConfigError("train.timesteps.weight_table is set but train.timesteps.weighting is not 'table'")
 
 
 def check_choice(key: str, value: Any, choices: list[str]) -> None:
@@ -234,7 +302,11 @@ def _config_from_dict(raw: dict[str, Any]) -> Config:
     raw = dict(raw or {})
     objective_raw = dict(raw.pop("objective", None) or {})
     cfg = dataclass_from_dict(Config, raw, "")
-    cfg.objective = ObjectiveConfig(name=str(objective_raw.pop("name", "dpo")), params=objective_raw)
+    # The objective section mixes its own fields with one sub-section per objective name (checked in validate).
+    own = {f.name for f in dataclasses.fields(ObjectiveConfig)} - {"params"}
+    fields_raw = {k: v for k, v in objective_raw.items() if k in own}
+    cfg.objective = dataclass_from_dict(ObjectiveConfig, fields_raw, "objective")
+    cfg.objective.params = {k: v for k, v in objective_raw.items() if k not in own}
     return cfg
 
 
@@ -254,13 +326,34 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file, with ``base: other.yaml`` (relative to the file) merged underneath it."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; see configs/ for examples, e.g. configs/tiny_dpo.yaml")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of config sections")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    base_path = (path.parent / base).resolve()
+    if base_path in seen:
+        raise ConfigError(f"{path}: 'base: {base}' makes a cycle")
+    return deep_merge(read_yaml(base_path, (*seen, base_path)), raw)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found; see configs/ for examples, e.g. configs/tiny_dpo.yaml")
-        raw = yaml.safe_load(path.read_text()) or {}
+    raw: dict[str, Any] = read_yaml(Path(path).resolve()) if path is not None else {}
     raw = apply_overrides(raw, overrides or [])
     return _config_from_dict(raw).validate()
 

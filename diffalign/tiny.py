@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 TINY_RESOLUTION = 32
 TINY_FAMILIES = ("sd15",)
-TINY_DATASETS = ("pairs", "pairs-parquet")
+TINY_DATASETS = ("pairs", "pairs-parquet", "scored-pairs", "ranked")
 
 
 def cache_root() -> Path:
@@ -192,6 +192,14 @@ def draw_shape(shape: str, colour: str, rng: random.Random, size: int = TINY_RES
     return image
 
 
+def redness(image: Image.Image) -> float:
+    """A toy score: mean (R - B) / 255 over the image. Red shapes score high, blue ones low, bigger ones more so."""
+    import numpy as np
+
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
+    return float((pixels[..., 0] - pixels[..., 2]).mean() / 255.0)
+
+
 def encode(image: Image.Image, fmt: str) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, quality=95) if fmt == "JPEG" else image.save(buffer, format=fmt)
@@ -202,7 +210,9 @@ def build_tiny_pairs(out_dir: str | Path, num_pairs: int = 64, seed: int = 0, nu
     """Synthetic preference pairs: the same prompt drawn in red (preferred) and blue (dispreferred).
 
     Writes ``out_dir/pairs.parquet`` (Pick-a-Pic schema, winner side shuffled, plus ``num_ties`` tie rows that
-    readers drop) and ``out_dir/jsonl/`` (PNG files + metadata.jsonl with chosen/rejected file names).
+    readers drop), ``out_dir/jsonl/`` (PNG files + metadata.jsonl with chosen/rejected file names),
+    ``out_dir/scored/`` (the same pairs with toy ``redness`` scores) and ``out_dir/ranked/`` (4 scored images
+    per prompt).
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -234,11 +244,47 @@ def build_tiny_pairs(out_dir: str | Path, num_pairs: int = 64, seed: int = 0, nu
         rows["jpg_1"].append(encode(second, "JPEG"))
         rows["label_0"].append(1.0 if winner_first else 0.0)
         rows["label_1"].append(0.0 if winner_first else 1.0)
-    with open(out_dir / "jsonl" / "metadata.jsonl", "w") as handle:
-        for entry in metadata:
-            handle.write(json.dumps(entry) + "\n")
+    write_jsonl(out_dir / "jsonl" / "metadata.jsonl", metadata)
     pq.write_table(pa.table(rows), out_dir / "pairs.parquet")
+    # The same pairs with toy reward scores (SmPO), images shared with jsonl/.
+    scored = [
+        {**entry, "chosen_score": redness(Image.open(out_dir / "jsonl" / entry["chosen_file_name"])),
+         "rejected_score": redness(Image.open(out_dir / "jsonl" / entry["rejected_file_name"]))}
+        for entry in metadata
+    ]
+    for entry in scored:
+        entry["chosen_file_name"] = f"../jsonl/{entry['chosen_file_name']}"
+        entry["rejected_file_name"] = f"../jsonl/{entry['rejected_file_name']}"
+    (out_dir / "scored").mkdir(exist_ok=True)
+    write_jsonl(out_dir / "scored" / "metadata.jsonl", scored)
+    build_tiny_rankings(out_dir / "ranked", num_groups=num_pairs // 2, images_per_group=4, seed=seed + 1)
     return out_dir
+
+
+def build_tiny_rankings(out_dir: Path, num_groups: int, images_per_group: int, seed: int) -> Path:
+    """k images per prompt, red or blue at random, each with its toy redness score (RankDPO)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    metadata = []
+    for group in range(num_groups):
+        shape = SHAPES[group % len(SHAPES)]
+        names, scores = [], []
+        for slot in range(images_per_group):
+            colour = "red" if slot % 2 == 0 else "blue"  # every group has both colours
+            image = draw_shape(shape, colour, rng)
+            name = f"{group:05d}_{slot}.png"
+            image.save(out_dir / name)
+            names.append(name)
+            scores.append(redness(image))
+        metadata.append({"prompt": f"a {shape} on a grey background", "file_names": names, "scores": scores})
+    write_jsonl(out_dir / "metadata.jsonl", metadata)
+    return out_dir
+
+
+def write_jsonl(path: Path, entries: list[dict]) -> None:
+    with open(path, "w") as handle:
+        for entry in entries:
+            handle.write(json.dumps(entry) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- specs
@@ -258,11 +304,13 @@ def resolve_model_spec(spec: str, seed: int = 0) -> str:
 
 
 def resolve_data_spec(spec: str, seed: int = 0) -> str:
-    """``tiny:pairs`` -> the cached jsonl folder, ``tiny:pairs-parquet`` -> the parquet file."""
+    """``tiny:pairs`` -> the cached jsonl folder, ``tiny:pairs-parquet`` -> the parquet file,
+    ``tiny:scored-pairs`` -> pairs with redness scores, ``tiny:ranked`` -> 4 scored images per prompt."""
     if not is_tiny_spec(spec):
         return spec
     name = spec.split(":", 1)[1]
     if name not in TINY_DATASETS:
         raise ValueError(f"unknown tiny dataset '{spec}'; available: {', '.join('tiny:' + d for d in TINY_DATASETS)}")
-    root = build_atomically(cache_root() / "tiny" / f"pairs-seed{seed}", lambda tmp: build_tiny_pairs(tmp, seed=seed))
-    return str(root / "jsonl") if name == "pairs" else str(root / "pairs.parquet")
+    root = build_atomically(cache_root() / "tiny" / f"pairs-v2-seed{seed}", lambda tmp: build_tiny_pairs(tmp, seed=seed))
+    return str(root / {"pairs": "jsonl", "pairs-parquet": "pairs.parquet", "scored-pairs": "scored",
+                       "ranked": "ranked"}[name])

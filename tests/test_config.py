@@ -56,3 +56,23 @@ def test_type_and_value_errors_are_clear(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  learning_rate: 1e-5\n")  # YAML 1.1 reads this as a string
     assert load_config(path).train.learning_rate == pytest.approx(1e-5)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path):
+    cfg = load_config(path)
+    assert cfg.train.output_dir.startswith("runs/")
+    if path.name.startswith("tiny_"):
+        assert cfg.model.pretrained == "tiny:sd15" and cfg.data.source.startswith("tiny:")
+        objective = path.stem.removeprefix("tiny_")
+        assert cfg.objective.name == objective  # one tiny config per objective, named after it
+
+
+def test_base_inheritance_merges_sections(tmp_path):
+    (tmp_path / "parent.yaml").write_text("train:\n  max_steps: 9\n  seed: 4\nobjective:\n  dpo:\n    beta: 100\n")
+    (tmp_path / "child.yaml").write_text("base: parent.yaml\ntrain:\n  seed: 5\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert (cfg.train.max_steps, cfg.train.seed, cfg.objective.selected["beta"]) == (9, 5, 100)
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "loop.yaml")

@@ -90,6 +90,8 @@ class CachedRecord:
     index: int
     prompt_key: str
     image_keys: list[str]
+    labels: list[float] | None = None
+    scores: list[float] | None = None
 
 
 def _batches(items: list, size: int):
@@ -115,7 +117,7 @@ def build_feature_cache(
         p_key = prompt_key(record.prompt)
         if p_key not in missing_prompts and not cache.text_path(p_key).exists():
             missing_prompts[p_key] = record.prompt
-        cached_records.append(CachedRecord(record.index, p_key, keys))
+        cached_records.append(CachedRecord(record.index, p_key, keys, record.labels, record.scores))
 
     batch_size = data_cfg.encode_batch_size
     progress = tqdm(

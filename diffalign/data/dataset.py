@@ -21,8 +21,8 @@ def flip_choice(seed: int, epoch: int, position: int, slot: int) -> bool:
 class CachedPreferenceDataset(torch.utils.data.Dataset):
     """Returns cached latents (K, C, h, w) and conditioning tensors for one record."""
 
-    def __init__(self, cache: FeatureCache, records: list[CachedRecord], images_per_record: int, seed: int,
-                 random_flip: bool):
+    def __init__(self, cache: FeatureCache, records: list[CachedRecord], images_per_record: int | None,
+                 seed: int, random_flip: bool):
         self.cache, self.records = cache, records
         self.images_per_record, self.seed, self.random_flip = images_per_record, seed, random_flip
 
@@ -36,7 +36,8 @@ class CachedPreferenceDataset(torch.utils.data.Dataset):
             self.cache.load_latents(key, self.random_flip and flip_choice(self.seed, epoch, position, slot))
             for slot, key in enumerate(record.image_keys[: self.images_per_record])
         ]
-        return {"latents": torch.stack(latents), "cond": self.cache.load_text(record.prompt_key), "index": record.index}
+        item = {"latents": torch.stack(latents), "cond": self.cache.load_text(record.prompt_key), "index": record.index}
+        return with_targets(item, record, self.images_per_record)
 
 
 class RawPreferenceDataset(torch.utils.data.Dataset):
@@ -59,7 +60,17 @@ class RawPreferenceDataset(torch.utils.data.Dataset):
             )
             for slot, source in enumerate(record.images[: self.images_per_record])
         ]
-        return {"pixels": torch.stack(pixels), "prompt": record.prompt, "index": record.index}
+        item = {"pixels": torch.stack(pixels), "prompt": record.prompt, "index": record.index}
+        return with_targets(item, record, self.images_per_record)
+
+
+def with_targets(item: dict, record, images_per_record: int | None) -> dict:
+    """Add the record's per-image labels / scores (KTO, SmPO, RankDPO) for the images actually used."""
+    for name in ("labels", "scores"):
+        values = getattr(record, name)
+        if values is not None:
+            item[name] = torch.tensor(values[:images_per_record], dtype=torch.float32)
+    return item
 
 
 def collate(items: list[dict]) -> dict:
@@ -70,6 +81,9 @@ def collate(items: list[dict]) -> dict:
     else:
         batch["pixels"] = torch.stack([item["pixels"] for item in items])
         batch["prompts"] = [item["prompt"] for item in items]
+    for name in ("labels", "scores"):
+        if all(name in item for item in items):
+            batch[name] = torch.stack([item[name] for item in items])
     return batch
 
 

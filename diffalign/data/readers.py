@@ -1,28 +1,37 @@
-"""Readers that turn a data source into validated preference records, winner first.
+"""Readers that turn a data source into validated preference records.
 
     records, report = read_preferences(cfg.data, source)
 
-Three schemas are understood (``data.format``, or ``auto`` to pick one from the data):
+Records come in three shapes, all ``PreferenceRecord``: pairs ``[chosen, rejected]`` (optionally with
+``scores=[s_chosen, s_rejected]``), labelled singles ``[image]`` with ``labels=[1.0 or 0.0]``, and ranked sets
+``[x1..xK]`` (K >= 2) with ``scores=[s1..sK]`` in the given order. ``diffalign.data.kinds.adapt_records`` turns
+them into what an objective needs. Schemas (``data.format``, or ``auto`` to pick one from the data):
 
 - ``pickapic``: columns ``caption``, ``jpg_0``, ``jpg_1``, ``label_0`` (``label_1`` optional, unused);
   ``label_0`` 1 = jpg_0 preferred, 0 = jpg_1 preferred, 0.5 = tie.
-- ``chosen_rejected``: columns ``chosen``, ``rejected``, ``prompt``.
-- ``jsonl``: a local folder with ``metadata.jsonl`` lines ``{"prompt", "chosen_file_name", "rejected_file_name"}``.
+- ``chosen_rejected``: columns ``chosen``, ``rejected``, ``prompt``; optional ``chosen_score``, ``rejected_score``.
+- ``labelled``: columns ``image``, ``label`` (0/1 or false/true), ``prompt``.
+- ``ranked``: columns ``images`` (a list of images), ``scores`` (a list of numbers, one per image), ``prompt``.
+- ``jsonl``: a local folder with ``metadata.jsonl`` (see ``diffalign.data.jsonl``), one of the kinds in
+  ``JSONL_KINDS`` per file; ``labelled`` and ``ranked`` also read such a folder, requiring that kind.
 
-The first two come from a parquet file, a folder of parquet files, a glob, or a hub dataset id. Bad records
-(undecodable or missing images, empty prompts, unknown labels) are skipped and counted in a ``SkipReport``, or
-are fatal under ``data.strict=true``. Every kept image is fully decoded once here, so training never meets one.
+Tables come from a parquet file, a folder of parquet files, a glob, or a hub dataset id. Bad records
+(undecodable or missing images, empty prompts, unknown labels, bad scores) are skipped and counted in a
+``SkipReport``, or are fatal under ``data.strict=true``. Every kept image is fully decoded once here, so training
+never meets one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import io
-import json
+import math
+import numbers
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from PIL import Image
 from tqdm.auto import tqdm
@@ -32,9 +41,18 @@ from diffalign.data.records import DataError, ImageSource, PreferenceRecord, Ski
 
 PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 CHOSEN_REJECTED_COLUMNS = ("chosen", "rejected", "prompt")
-JSONL_KEYS = ("prompt", "chosen_file_name", "rejected_file_name")
-SCHEMAS = {"pickapic": PICKAPIC_COLUMNS, "chosen_rejected": CHOSEN_REJECTED_COLUMNS}
-IMAGE_COLUMNS = {"pickapic": ("jpg_0", "jpg_1"), "chosen_rejected": ("chosen", "rejected")}
+LABELLED_COLUMNS = ("image", "label", "prompt")
+RANKED_COLUMNS = ("images", "scores", "prompt")
+PAIR_SCORES = ("chosen_score", "rejected_score")  # optional on chosen_rejected tables and jsonl pairs: both or neither
+SCHEMAS = {"pickapic": PICKAPIC_COLUMNS, "chosen_rejected": CHOSEN_REJECTED_COLUMNS,
+           "labelled": LABELLED_COLUMNS, "ranked": RANKED_COLUMNS}
+IMAGE_COLUMNS = {"pickapic": ("jpg_0", "jpg_1"), "chosen_rejected": ("chosen", "rejected"), "labelled": ("image",),
+                 "ranked": ("images",)}
+JSONL_KINDS = {  # the keys that make a metadata.jsonl line one kind of record
+    "pair": ("prompt", "chosen_file_name", "rejected_file_name"),
+    "labelled": ("prompt", "file_name", "label"),
+    "ranked": ("prompt", "file_names", "scores"),
+}
 
 EXPECTED_SOURCES = (
     "expected a parquet file, a folder of parquet files, a glob such as 'data/*.parquet', "
@@ -42,21 +60,32 @@ EXPECTED_SOURCES = (
 )
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
-# A row, whatever the schema: (index, prompt, label_0, image cells); label_0 is 1 where the order is already winner first.
-Row = tuple[int, Any, Any, list[Any]]
+
+class Row(NamedTuple):
+    """One source row before validation, whatever the schema."""
+
+    index: int
+    kind: str  # pair | labelled | ranked
+    prompt: Any
+    cells: list[Any]  # image cells: bytes, {"bytes", "path"} dicts, PIL images or paths (None = missing)
+    label: Any = 1  # pair: label_0 (1 = cells already winner first, 0 = loser first, 0.5 = tie); labelled: the label
+    scores: Any = None  # pair: [chosen, rejected] or None; ranked: one per cell
 
 
 def read_preferences(cfg: DataConfig, source: str | None = None) -> tuple[list[PreferenceRecord], SkipReport]:
     """Read every usable record of ``source`` (default ``cfg.source``), up to ``cfg.max_samples`` kept ones."""
+    from diffalign.data.jsonl import jsonl_metadata_path, jsonl_rows
+
     source = str(cfg.source if source is None else source)
     report = SkipReport()
-    if cfg.format == "jsonl" or (cfg.format == "auto" and jsonl_metadata_path(source) is not None):
-        rows, total = jsonl_rows(source, cfg, report)
+    is_jsonl = jsonl_metadata_path(source) is not None
+    if cfg.format == "jsonl" or (cfg.format in ("auto", *JSONL_KINDS) and is_jsonl):
+        rows, total = jsonl_rows(source, cfg, report, kind=cfg.format if cfg.format in JSONL_KINDS else None)
     else:
         rows, total = table_rows(source, cfg)
     records = []
-    for index, prompt, label, images in tqdm(rows, total=total, desc="reading preferences", disable=None):
-        record = make_record(index, prompt, label, images, cfg, report)
+    for row in tqdm(rows, total=total, desc="reading preferences", disable=None):
+        record = make_record(row, cfg, report)
         if record is not None:
             records.append(record)
             if cfg.max_samples is not None and len(records) >= cfg.max_samples:
@@ -66,21 +95,39 @@ def read_preferences(cfg: DataConfig, source: str | None = None) -> tuple[list[P
     return records, report
 
 
-def make_record(index: int, prompt: Any, label: Any, cells: list[Any], cfg: DataConfig,
-                report: SkipReport) -> PreferenceRecord | None:
-    """Validate one row and order its images winner first; None when it was skipped."""
-    tie = False
-    # The label is checked before decoding: Pick-a-Pic ties are common and would be decoded for nothing.
-    if not is_number(label) or label not in (0, 0.5, 1):
-        report.skip("unknown_label", index, f"label_0={label!r}, expected 1, 0 or 0.5", cfg.strict)
-        return None
-    if label == 0.5:
-        if cfg.drop_ties:
-            report.skip("tie", index, "label_0=0.5 (set data.drop_ties=false to keep ties)", cfg.strict)
+def make_record(row: Row, cfg: DataConfig, report: SkipReport) -> PreferenceRecord | None:
+    """Validate one row; pairs come out winner first. None when it was skipped."""
+    index, cells, labels, scores, tie = row.index, list(row.cells), None, None, False
+    # Labels and scores are checked before decoding: Pick-a-Pic ties are common and would be decoded for nothing.
+    if row.kind == "pair":
+        label = row.label
+        if not is_number(label) or label not in (0, 0.5, 1):
+            report.skip("unknown_label", index, f"label_0={label!r}, expected 1, 0 or 0.5", cfg.strict)
             return None
-        tie = True
-    elif label == 0:
-        cells = [cells[1], cells[0]]
+        if label == 0.5:
+            if cfg.drop_ties:
+                report.skip("tie", index, "label_0=0.5 (set data.drop_ties=false to keep ties)", cfg.strict)
+                return None
+            tie = True
+        if row.scores is not None and (scores := checked_scores(row.scores, 2, index, cfg, report)) is None:
+            return None
+        if label == 0:
+            cells.reverse()
+            scores = scores[::-1] if scores else scores
+    elif row.kind == "labelled":
+        label = row.label
+        if not (isinstance(label, bool) or (is_number(label) and label in (0, 1))):
+            report.skip("unknown_label", index, f"label={label!r}, expected 1, 0, true or false", cfg.strict)
+            return None
+        labels = [float(label)]
+    else:
+        if (scores := checked_scores(row.scores, len(cells), index, cfg, report)) is None:
+            return None
+        if len(cells) == 2:  # a ranking of two is a scored pair: put it winner first, as every pair is
+            tie = scores[0] == scores[1]
+            if scores[1] > scores[0]:
+                cells, scores = cells[::-1], scores[::-1]
+    prompt = row.prompt
     if not isinstance(prompt, str) or not prompt.strip():
         report.skip("empty_prompt", index, f"prompt={prompt!r}", cfg.strict)
         return None
@@ -90,11 +137,26 @@ def make_record(index: int, prompt: Any, label: Any, cells: list[Any], cfg: Data
         if image is None:
             return None
         images.append(image)
-    return PreferenceRecord(index=index, prompt=prompt, images=images, tie=tie)
+    return PreferenceRecord(index=index, prompt=prompt, images=images, labels=labels, scores=scores, tie=tie)
 
 
 def is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def checked_scores(values: Any, count: int, index: int, cfg: DataConfig, report: SkipReport) -> list[float] | None:
+    """``count`` (>= 2) finite numbers, one per image, as floats; None (and a counted skip) otherwise."""
+    if isinstance(values, list | tuple) and len(values) == count >= 2:
+        if all(is_number(value) and math.isfinite(value) for value in values):
+            return [float(value) for value in values]
+        problem = "expected finite numbers"
+    else:
+        size = len(values) if isinstance(values, list | tuple) else "no list of"
+        problem = f"{size} scores for {count} images; expected one per image and at least 2 images"
+    shown = repr(values)
+    shown = shown if len(shown) <= 120 else shown[:117] + "..."
+    report.skip("bad_scores", index, f"scores={shown}: {problem}", cfg.strict)
+    return None
 
 
 def checked_image(cell: Any, index: int, cfg: DataConfig, report: SkipReport) -> ImageSource | None:
@@ -128,72 +190,57 @@ def image_source(cell: Any) -> ImageSource | None:
     return None
 
 
-# ---------------------------------------------------------------------------------------------- jsonl folders
-def jsonl_metadata_path(source: str) -> Path | None:
-    path = Path(source).expanduser()
-    if path.is_dir() and (path / "metadata.jsonl").is_file():
-        return path / "metadata.jsonl"
-    if path.is_file() and path.suffix == ".jsonl":
-        return path
-    return None
-
-
-def jsonl_rows(source: str, cfg: DataConfig, report: SkipReport) -> tuple[Iterator[Row], int]:
-    """Rows of metadata.jsonl; ``index`` is the 0-based line number. Read by hand so bad lines are only counted."""
-    metadata = jsonl_metadata_path(source)
-    if metadata is None:
-        raise DataError(f"data.source={source}: data.format=jsonl needs a folder containing metadata.jsonl; "
-                        f"{EXPECTED_SOURCES}")
-    with open(metadata, "rb") as handle:
-        total = sum(1 for _ in handle)
-    return parse_jsonl(source, metadata, cfg, report), total
-
-
-def parse_jsonl(source: str, metadata: Path, cfg: DataConfig, report: SkipReport) -> Iterator[Row]:
-    checked_schema = False
-    with open(metadata, encoding="utf-8") as handle:
-        for index, line in enumerate(handle):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as error:
-                report.skip("bad_json", index, f"line {index + 1} of {metadata}: {error}", cfg.strict)
-                continue
-            found = list(entry) if isinstance(entry, dict) else []
-            missing = [key for key in JSONL_KEYS if key not in found]
-            if missing and not checked_schema:  # the first object decides: a wrong file, not one bad line
-                raise schema_error(source, found, f"metadata.jsonl keys (line {index + 1})")
-            checked_schema = True
-            if missing:
-                report.skip("missing_field", index, f"line {index + 1} lacks {missing}", cfg.strict)
-                continue
-            names = [entry["chosen_file_name"], entry["rejected_file_name"]]
-            images = [metadata.parent / name if isinstance(name, str) and name else None for name in names]
-            yield index, entry["prompt"], 1, images
-
-
 # ---------------------------------------------------------------------------------------------- tables
 def table_rows(source: str, cfg: DataConfig) -> tuple[Iterator[Row], int]:
     """Rows of a parquet or hub table, with the schema picked by ``cfg.format`` or by the columns found."""
-    from datasets import Image as ImageFeature
-
     dataset = load_table(source, cfg)
-    schema = pick_schema(source, list(dataset.column_names), cfg.format)
-    columns = list(SCHEMAS[schema])
-    dataset = dataset.select_columns(columns)  # Pick-a-Pic has many more columns; don't read them
-    for column in IMAGE_COLUMNS[schema]:
-        if isinstance(dataset.features.get(column), ImageFeature):  # keep the encoded bytes: we decode ourselves
-            dataset = dataset.cast_column(column, ImageFeature(decode=False))
+    names = list(dataset.column_names)
+    schema = pick_schema(source, names, cfg.format)
+    scored = schema == "chosen_rejected" and any(column in names for column in PAIR_SCORES)
+    if scored and not all(column in names for column in PAIR_SCORES):
+        raise DataError(f"data.source={source}: the columns {names} have only one of {', '.join(PAIR_SCORES)}; "
+                        f"give both (a score per image, higher is better) or neither")
+    dataset = dataset.select_columns(list(SCHEMAS[schema]) + (list(PAIR_SCORES) if scored else []))  # skip the rest
+    for column in IMAGE_COLUMNS[schema]:  # keep the encoded bytes: we decode ourselves and count the bad ones
+        feature = dataset.features.get(column)
+        if undecoded(feature) is not feature:
+            dataset = dataset.cast_column(column, undecoded(feature))
 
     def rows() -> Iterator[Row]:
         for index, row in enumerate(dataset):
             if schema == "pickapic":
-                yield index, row["caption"], row["label_0"], [row["jpg_0"], row["jpg_1"]]
+                yield Row(index, "pair", row["caption"], [row["jpg_0"], row["jpg_1"]], row["label_0"])
+            elif schema == "chosen_rejected":
+                scores = [row[column] for column in PAIR_SCORES] if scored else None
+                yield Row(index, "pair", row["prompt"], [row["chosen"], row["rejected"]], 1, scores)
+            elif schema == "labelled":
+                yield Row(index, "labelled", row["prompt"], [row["image"]], row["label"])
             else:
-                yield index, row["prompt"], 1, [row["chosen"], row["rejected"]]
+                images = row["images"]
+                yield Row(index, "ranked", row["prompt"], list(images) if isinstance(images, list | tuple) else [],
+                          scores=row["scores"])
 
     return rows(), len(dataset)
+
+
+def undecoded(feature: Any) -> Any:
+    """``feature`` with every datasets ``Image`` in it set to ``decode=False`` (the same object if it has none).
+
+    Covers plain ``Image`` columns and lists of images, whichever list feature the installed datasets uses
+    (``List`` / ``LargeList`` since 4.0, ``Sequence`` before, or a plain ``[Image()]``).
+    """
+    from datasets import Image as ImageFeature
+
+    if isinstance(feature, ImageFeature):
+        return ImageFeature(decode=False) if feature.decode else feature
+    if isinstance(feature, list) and len(feature) == 1:
+        inner = undecoded(feature[0])
+        return feature if inner is feature[0] else [inner]
+    inner = getattr(feature, "feature", None)
+    if inner is not None and dataclasses.is_dataclass(feature):
+        new = undecoded(inner)
+        return feature if new is inner else dataclasses.replace(feature, feature=new)
+    return feature
 
 
 def load_table(source: str, cfg: DataConfig):
@@ -242,10 +289,14 @@ def pick_schema(source: str, columns: list[str], fmt: str) -> str:
 
 
 def schema_error(source: str, found: list[str], what: str) -> DataError:
+    jsonl_kinds = "; ".join(f"{kind}: {', '.join(keys)}" for kind, keys in JSONL_KINDS.items())
     return DataError(
         f"data.source={source}: the {what} {found} match no known schema. Expected one of: "
         f"pickapic: {', '.join(PICKAPIC_COLUMNS)} (label_1 optional); "
-        f"chosen_rejected: {', '.join(CHOSEN_REJECTED_COLUMNS)}; "
-        f"jsonl: a folder with metadata.jsonl whose lines have {', '.join(JSONL_KEYS)}. "
-        f"Rename the columns to one of these and set data.format (auto, pickapic, chosen_rejected or jsonl)."
+        f"chosen_rejected: {', '.join(CHOSEN_REJECTED_COLUMNS)} ({', '.join(PAIR_SCORES)} optional); "
+        f"labelled: {', '.join(LABELLED_COLUMNS)} (label 0/1); "
+        f"ranked: {', '.join(RANKED_COLUMNS)} (lists, one score per image); "
+        f"jsonl: a folder with metadata.jsonl whose lines are all of one kind: {jsonl_kinds} "
+        f"(pairs may add {' and '.join(PAIR_SCORES)}). Rename the columns or keys to one of these and set "
+        f"data.format (auto, pickapic, chosen_rejected, labelled, ranked or jsonl)."
     )

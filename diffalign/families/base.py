@@ -34,6 +34,7 @@ class Family:
 
     name: str = ""
     pipeline_class_names: tuple[str, ...] = ()
+    denoiser_subfolder: str = "unet"  # where a full fine-tune is saved, as in the checkpoint layout
     default_lora_targets: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")
 
     def load(self, model_cfg, resolved_path: str) -> DiffusionComponents:
@@ -52,7 +53,13 @@ class Family:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def sample_timesteps(self, components: DiffusionComponents, count: int, generator: torch.Generator) -> torch.Tensor:
+    def sample_timesteps(self, components: DiffusionComponents, count: int, generator: torch.Generator,
+                         timestep_cfg=None) -> torch.Tensor:
+        """``count`` training timesteps from ``generator`` (CPU), honouring ``train.timesteps``."""
+        raise NotImplementedError
+
+    def timestep_weights(self, components: DiffusionComponents, timesteps: torch.Tensor, timestep_cfg):
+        """Per-sample loss weights for ``timesteps`` (None = all ones)."""
         raise NotImplementedError
 
     def predict(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from diffalign.families.base import DiffusionComponents, Family
+from diffalign.training.timesteps import sample_discrete_timesteps, timestep_weights
 
 
 class StableDiffusionFamily(Family):
@@ -58,9 +59,16 @@ class StableDiffusionFamily(Family):
         latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
         return latents * vae.config.scaling_factor
 
-    def sample_timesteps(self, components: DiffusionComponents, count: int, generator: torch.Generator) -> torch.Tensor:
+    def sample_timesteps(self, components: DiffusionComponents, count: int, generator: torch.Generator,
+                         timestep_cfg=None) -> torch.Tensor:
         num = components.noise_scheduler.config.num_train_timesteps
-        return torch.randint(0, num, (count,), generator=generator, device=generator.device)
+        interval = timestep_cfg.interval if timestep_cfg is not None else None
+        return sample_discrete_timesteps(num, count, generator, interval)
+
+    def timestep_weights(self, components: DiffusionComponents, timesteps: torch.Tensor, timestep_cfg):
+        scheduler = components.noise_scheduler
+        alphas = scheduler.alphas_cumprod[timesteps.cpu()]
+        return timestep_weights(timesteps, alphas / (1 - alphas), timestep_cfg, scheduler.config.prediction_type)
 
     def noisy_input_and_target(self, components, x0, noise, timesteps):
         scheduler = components.noise_scheduler

@@ -11,6 +11,10 @@ import torch
 from diffalign.config import ConfigError, closest
 
 
+def local_mean(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.mean()
+
+
 @dataclass
 class ObjectiveInputs:
     """Per-sample denoising errors for a batch of B records with K images each.
@@ -22,8 +26,12 @@ class ObjectiveInputs:
 
     policy_err: torch.Tensor
     ref_err: torch.Tensor | None = None
-    labels: torch.Tensor | None = None  # (B, K), 1 = desirable, 0 = undesirable
-    scores: torch.Tensor | None = None  # (B, K), higher is better
+    labels: torch.Tensor | None = None  # (B, K), 1 = desirable, 0 = undesirable (KTO)
+    scores: torch.Tensor | None = None  # (B, K), reward scores, higher is better (SmPO, RankDPO)
+    residuals: torch.Tensor | None = None  # (B, K, C, H, W) policy pred - target, detached (SDPO)
+    # Mean over the *global* batch (all processes). The trainer passes accelerate's all-reduce; the default is
+    # the local mean, which is the same thing in a single process. Keeps objectives free of accelerate.
+    global_mean: Callable[[torch.Tensor], torch.Tensor] = local_mean
 
 
 @dataclass
@@ -40,8 +48,11 @@ class Objective:
     params_cls: type
     loss_fn: Callable[[ObjectiveInputs, object], ObjectiveOutput]
     needs_reference: bool = True
-    images_per_record: int = 2
+    images_per_record: int | None = 2  # None: every image of the record (rankings)
+    data_kind: str = "pair"  # pair | scored_pair | labelled | ranked: what each record must carry
+    needs_residuals: bool = False
     description: str = ""
+    source: str = ""  # paper / repository, for the README table
 
     def parse_params(self, raw: dict, prefix: str | None = None) -> object:
         prefix = prefix or f"objective.{self.name}"

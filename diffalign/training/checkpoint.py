@@ -13,6 +13,9 @@ import re
 import shutil
 from pathlib import Path
 
+from diffalign.training.lora import load_lora_state, peft_state_dict, save_lora
+from diffalign.training.reference import unwrap
+
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "training_state.json"
 
@@ -73,3 +76,23 @@ def prune_checkpoints(output_dir: Path, total_limit: int | None) -> None:
 def load_checkpoint(accelerator, path: Path) -> dict:
     accelerator.load_state(str(path))
     return json.loads((path / STATE_FILE).read_text())
+
+
+def register_lora_checkpoint_hooks(accelerator, family):
+    """Checkpoints store only the LoRA (not the multi-GB base weights), in the diffusers format."""
+    from safetensors.torch import load_file, save_file
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:  # hooks run on every process; one writer is enough
+            for model in models:
+                save_lora(family, unwrap(model), output_dir)
+                save_file(peft_state_dict(unwrap(model)), str(Path(output_dir) / "lora_state.safetensors"))
+        weights.clear()
+
+    def load_hook(models, input_dir):
+        state = load_file(str(Path(input_dir) / "lora_state.safetensors"))
+        while models:
+            load_lora_state(unwrap(models.pop()), state)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)

@@ -54,12 +54,14 @@ def adapter_metadata(model: torch.nn.Module) -> dict:
     return model.peft_config["default"].to_dict()
 
 
-def lora_checksum(model: torch.nn.Module) -> str:
-    """A hash of the trainable LoRA weights: equal across processes when DDP kept them in sync."""
+def trainable_checksum(model: torch.nn.Module) -> str:
+    """A hash of the trained weights (the LoRA, or every weight in a full fine-tune): equal across processes
+    when DDP kept them in sync."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(peft_state_dict(model).items()):
-        digest.update(name.encode())
-        digest.update(tensor.numpy().tobytes())
+    for name, param in sorted(model.named_parameters()):
+        if param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().to("cpu", torch.float32).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

@@ -4,7 +4,7 @@
 
 Per step: every record's K images share one noise and one timestep; one policy forward runs over all K*B
 latents ([winners; losers] for pairs); the reference forward runs under no_grad on the unwrapped model with its
-adapters disabled; the objective turns per-sample errors into a loss.
+adapters disabled; the objective turns per-sample errors into a loss. LoRA or full fine-tuning (``lora.enabled``), any reference strategy.
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from diffalign.config import Config, ConfigError, save_config
+from diffalign.config import Config, ConfigError, resolve_reference, save_config
 from diffalign.objectives import ObjectiveInputs, get_objective
 from diffalign.training import checkpoint as ckpt
-from diffalign.training.lora import adapters_disabled, attach_lora, lora_checksum, save_lora
+from diffalign.training.lora import attach_lora, save_lora, trainable_checksum
 from diffalign.training.optim import build_lr_scheduler, build_optimizer, effective_learning_rate
+from diffalign.training.reference import build_reference, unwrap
+from diffalign.training.step import batch_tensors, denoising_errors, step_generator
 
 
 class TrainingStopped(RuntimeError):
@@ -34,43 +36,9 @@ class TrainResult:
     global_step: int
     skipped_steps: int
     metrics: dict[str, float] = field(default_factory=dict)
-    lora_path: Path | None = None
+    lora_path: Path | None = None  # LoRA runs: pytorch_lora_weights.safetensors; full fine-tunes: the unet/ folder
     grid_path: Path | None = None
     denoiser: torch.nn.Module | None = field(default=None, repr=False)  # the trained (unwrapped) model, for use in the same process
-
-
-def step_generator(seed: int, micro_step: int, process_index: int) -> torch.Generator:
-    """Noise, timesteps and prompt dropout come from a generator seeded by (seed, micro-step, rank), so a
-    resumed run draws exactly what an uninterrupted one would have drawn."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + micro_step) * 1_009 + process_index)
-
-
-def per_sample_errors(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return ((pred.float() - target.float()) ** 2).mean(dim=tuple(range(1, pred.ndim)))
-
-
-def denoising_errors(family, components, model, latents, cond, generator, device, with_reference: bool):
-    """Policy (and reference) errors, shape (B, K), for latents (B, K, C, h, w) and per-record conditioning."""
-    batch, k = latents.shape[:2]
-    noise = torch.randn((batch, 1, *latents.shape[2:]), generator=generator).to(device).expand_as(latents)
-    timesteps = family.sample_timesteps(components, batch, generator).to(device)
-    # [image 0 of every record; image 1 of every record; ...]: for pairs, winners then losers.
-    x0 = latents.transpose(0, 1).reshape(k * batch, *latents.shape[2:])
-    eps = noise.transpose(0, 1).reshape(k * batch, *latents.shape[2:])
-    t = timesteps.repeat(k)
-    cond = {name: tensor.repeat(k, *([1] * (tensor.ndim - 1))) for name, tensor in cond.items()}
-    x_t, target = family.noisy_input_and_target(components, x0, eps, t)
-    policy_err = per_sample_errors(family.predict(model, x_t, t, cond), target).view(k, batch).T
-    ref_err = None
-    if with_reference:
-        reference = unwrap(model)
-        with torch.no_grad(), adapters_disabled(reference):
-            ref_err = per_sample_errors(family.predict(reference, x_t, t, cond), target).view(k, batch).T
-    return policy_err, ref_err
-
-
-def unwrap(model):
-    return getattr(model, "module", model)
 
 
 def build_accelerator(cfg: Config, output_dir: Path):
@@ -95,8 +63,8 @@ def build_accelerator(cfg: Config, output_dir: Path):
     )
 
 
-def prepare_data(cfg: Config, components, accelerator, images_per_record: int):
-    from diffalign.data import read_preferences
+def prepare_data(cfg: Config, components, accelerator, objective):
+    from diffalign.data import adapt_records, read_preferences
     from diffalign.data.cache import build_feature_cache
     from diffalign.data.dataset import CachedPreferenceDataset, RawPreferenceDataset
     from diffalign.tiny import resolve_data_spec
@@ -104,8 +72,11 @@ def prepare_data(cfg: Config, components, accelerator, images_per_record: int):
     with accelerator.main_process_first():  # the main process builds tiny data and the cache; the rest reuse it
         source = resolve_data_spec(cfg.data.source)
         records, report = read_preferences(cfg.data, source)
+        # Fails here, before any step, when the data lacks what the objective needs (labels, scores, k images).
+        records = adapt_records(records, objective.data_kind, cfg.data.source)
         if not records:
             raise ConfigError(f"data.source={cfg.data.source}: no usable records.\n{report.summary()}")
+        images_per_record = objective.images_per_record
         if cfg.data.cache:
             cache, cached = build_feature_cache(records, components, cfg.data, cfg.model,
                                                 show_progress=accelerator.is_main_process)
@@ -129,7 +100,7 @@ def train(cfg: Config) -> TrainResult:
     if cfg.train.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
 
-    # ---- model: frozen parts in the mixed-precision dtype, LoRA parameters in fp32
+    # ---- model: frozen parts in the mixed-precision dtype, trained parameters in fp32
     with accelerator.main_process_first():
         components = load_components(cfg.model)
     family, device = components.family, accelerator.device
@@ -137,17 +108,22 @@ def train(cfg: Config) -> TrainResult:
     cast = {"dtype": weight_dtype} if weight_dtype != torch.float32 else {}
     for module in components.frozen_modules():
         module.requires_grad_(False).to(device, **cast)
-    denoiser = components.denoiser.to(device, **cast)
-    attach_lora(denoiser, cfg.lora, family.default_lora_targets)
+    denoiser = components.denoiser
+    if cfg.lora.enabled:
+        denoiser.to(device, **cast)
+        attach_lora(denoiser, cfg.lora, family.default_lora_targets)
+    else:  # full fine-tune: fp32 master weights, autocast does the mixed precision
+        denoiser.to(device).requires_grad_(True)
     for param in denoiser.parameters():
         if param.requires_grad:
             param.data = param.data.float()
     if cfg.train.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
+    reference = build_reference(resolve_reference(cfg), cfg.objective, cfg.lora.enabled, denoiser, device, weight_dtype)
 
     # ---- data
-    dataset, report = prepare_data(cfg, components, accelerator, objective.images_per_record)
-    batches_per_epoch = len(epoch_batches(len(dataset), cfg.train.batch_size, accelerator.num_processes, 0, 0, 0))
+    dataset, report = prepare_data(cfg, components, accelerator, objective)
+    batches_per_epoch = len(dataset) // (cfg.train.batch_size * accelerator.num_processes)
     if batches_per_epoch == 0:
         raise ConfigError(
             f"{len(dataset)} records cannot fill one step of train.batch_size={cfg.train.batch_size} x "
@@ -160,7 +136,10 @@ def train(cfg: Config) -> TrainResult:
     optimizer = build_optimizer(trainable, cfg.train, effective_learning_rate(cfg.train, accelerator.num_processes))
     lr_scheduler = build_lr_scheduler(optimizer, cfg.train, accelerator.num_processes)
     denoiser, optimizer, lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
-    register_lora_checkpoint_hooks(accelerator, family)
+    if cfg.lora.enabled:
+        ckpt.register_lora_checkpoint_hooks(accelerator, family)
+    if hasattr(reference, "state_dict"):  # an EMA reference is training state too
+        accelerator.register_for_checkpointing(reference)
 
     global_step, skipped_steps = 0, 0
     resume_from = ckpt.resolve_resume(output_dir, cfg.train.resume)
@@ -185,32 +164,28 @@ def train(cfg: Config) -> TrainResult:
                     disable=not accelerator.is_main_process)
     started, first_step_done, first_step = time.time(), None, global_step
     denoiser.train()
+    loaded_epoch, batches = None, []
     while global_step < cfg.train.max_steps:
         epoch, position = divmod(micro_step, batches_per_epoch)
-        batch_indices = epoch_batches(len(dataset), cfg.train.batch_size, accelerator.num_processes,
-                                      accelerator.process_index, epoch, cfg.train.seed)[position]
-        batch = collate([dataset[item] for item in batch_indices])
+        if epoch != loaded_epoch:
+            batches = epoch_batches(len(dataset), cfg.train.batch_size, accelerator.num_processes,
+                                    accelerator.process_index, epoch, cfg.train.seed)
+            loaded_epoch = epoch
+        batch = collate([dataset[item] for item in batches[position]])
         generator = step_generator(cfg.train.seed, micro_step, accelerator.process_index)
         micro_step += 1
 
         with accelerator.accumulate(denoiser):
-            if "latents" in batch:
-                latents, cond = batch["latents"].to(device), {k: v.to(device) for k, v in batch["cond"].items()}
-            else:  # uncached: encode every step, as the diffusers reference script does
-                pixels = batch["pixels"]
-                latents = family.encode_images(components, pixels.flatten(0, 1)).float()
-                latents = latents.view(*pixels.shape[:2], *latents.shape[1:])
-                cond = family.encode_prompts(components, batch["prompts"])
-            if empty_cond is not None:
-                drop = (torch.rand(latents.shape[0], generator=generator) < cfg.data.prompt_dropout).to(device)
-                cond = {k: torch.where(drop.view(-1, *[1] * (v.ndim - 1)), empty_cond[k].to(v.dtype), v)
-                        for k, v in cond.items()}
-            cond = {k: v.to(weight_dtype) for k, v in cond.items()}
-            policy_err, ref_err = denoising_errors(
-                family, components, denoiser, latents.to(weight_dtype), cond, generator, device,
-                with_reference=objective.needs_reference,
-            )
-            output = objective(ObjectiveInputs(policy_err=policy_err, ref_err=ref_err), params)
+            latents, cond = batch_tensors(batch, family, components, device, weight_dtype, empty_cond,
+                                          cfg.data.prompt_dropout, generator)
+            errors = denoising_errors(family, components, denoiser, latents, cond, generator, device, reference,
+                                      cfg.train.timesteps, with_residuals=objective.needs_residuals)
+            output = objective(ObjectiveInputs(
+                policy_err=errors.policy, ref_err=errors.reference, residuals=errors.residuals,
+                labels=batch["labels"].to(device) if "labels" in batch else None,
+                scores=batch["scores"].to(device) if "scores" in batch else None,
+                global_mean=lambda value: accelerator.reduce(value.detach().mean(), reduction="mean"),
+            ), params)
             loss = output.loss
             # Every process must agree to skip, or DDP's gradient all-reduce would hang.
             finite = accelerator.reduce(torch.isfinite(loss).float().to(device), reduction="sum").item()
@@ -229,6 +204,8 @@ def train(cfg: Config) -> TrainResult:
                     optimizer.step()
                     lr_scheduler.step()
                     consecutive_bad = 0
+                    if reference is not None:
+                        reference.update(denoiser, global_step + 1)
                 else:
                     skipped_steps += 1
                     consecutive_bad += 1
@@ -268,10 +245,14 @@ def train(cfg: Config) -> TrainResult:
     # ---- outputs
     accelerator.wait_for_everyone()
     model = unwrap(denoiser)
-    checksums = accelerator.gather_for_metrics([lora_checksum(model)], use_gather_object=True)
+    checksums = accelerator.gather_for_metrics([trainable_checksum(model)], use_gather_object=True)
     result = TrainResult(output_dir, global_step, skipped_steps, last_metrics, denoiser=model)
     if accelerator.is_main_process:
-        result.lora_path = save_lora(family, model, output_dir)
+        if cfg.lora.enabled:
+            result.lora_path = save_lora(family, model, output_dir)
+        else:
+            result.lora_path = output_dir / family.denoiser_subfolder
+            model.save_pretrained(str(result.lora_path))
         grid = output_dir / "samples" / f"step-{global_step}.png"
         if cfg.log.validation_every_n_steps and not grid.exists():
             log_validation(accelerator, components, model, cfg, global_step, output_dir, render_validation)
@@ -331,28 +312,6 @@ def flat_hparams(cfg: Config) -> dict:
         for key, value in values.items():
             flat[f"{section}.{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
     return flat
-
-
-def register_lora_checkpoint_hooks(accelerator, family):
-    """Checkpoints store only the LoRA (not the multi-GB base weights), in the diffusers format."""
-    from safetensors.torch import load_file, save_file
-
-    from diffalign.training.lora import load_lora_state, peft_state_dict
-
-    def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process:  # hooks run on every process; one writer is enough
-            for model in models:
-                save_lora(family, unwrap(model), output_dir)
-                save_file(peft_state_dict(unwrap(model)), str(Path(output_dir) / "lora_state.safetensors"))
-        weights.clear()
-
-    def load_hook(models, input_dir):
-        state = load_file(str(Path(input_dir) / "lora_state.safetensors"))
-        while models:
-            load_lora_state(unwrap(models.pop()), state)
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
 
 
 __all__ = ["TrainResult", "TrainingStopped", "train"]

@@ -1,0 +1,110 @@
+"""Local folders with a ``metadata.jsonl``: one JSON object per line, file names relative to the folder.
+
+A line's keys make it one of three kinds (``readers.JSONL_KINDS``):
+
+- pair: ``prompt``, ``chosen_file_name``, ``rejected_file_name``; optional ``chosen_score`` and ``rejected_score``
+  (both or neither);
+- labelled: ``prompt``, ``file_name``, ``label`` (0/1, 0.0/1.0 or false/true; 1 = desirable);
+- ranked: ``prompt``, ``file_names`` (a list), ``scores`` (numbers, one per file, at least 2).
+
+The first JSON object decides the file's kind; one that matches no kind means a wrong file and raises the schema
+error. Later lines of another kind, or lacking keys, are skipped as ``missing_field``. Values are checked by
+``readers.make_record``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from diffalign.config import DataConfig
+from diffalign.data.readers import EXPECTED_SOURCES, JSONL_KINDS, PAIR_SCORES, Row, schema_error
+from diffalign.data.records import DataError, SkipReport
+
+
+def jsonl_metadata_path(source: str) -> Path | None:
+    path = Path(source).expanduser()
+    if path.is_dir() and (path / "metadata.jsonl").is_file():
+        return path / "metadata.jsonl"
+    if path.is_file() and path.suffix == ".jsonl":
+        return path
+    return None
+
+
+def jsonl_rows(source: str, cfg: DataConfig, report: SkipReport,
+               kind: str | None = None) -> tuple[Iterator[Row], int]:
+    """Rows of metadata.jsonl; ``index`` is the 0-based line number. Read by hand so bad lines are only counted.
+
+    ``kind`` (pair, labelled or ranked) requires that kind of the whole file; None accepts any.
+    """
+    metadata = jsonl_metadata_path(source)
+    if metadata is None:
+        raise DataError(f"data.source={source}: data.format={cfg.format} needs a folder containing metadata.jsonl; "
+                        f"{EXPECTED_SOURCES}")
+    with open(metadata, "rb") as handle:
+        total = sum(1 for _ in handle)
+    return parse_jsonl(source, metadata, cfg, report, kind), total
+
+
+def line_kind(entry: dict, preferred: str | None) -> str | None:
+    """The kind whose keys ``entry`` has, ``preferred`` first; None when it has no kind's keys."""
+    matches = [kind for kind, keys in JSONL_KINDS.items() if all(key in entry for key in keys)]
+    if preferred in matches:
+        return preferred
+    return matches[0] if matches else None
+
+
+def parse_jsonl(source: str, metadata: Path, cfg: DataConfig, report: SkipReport,
+                required: str | None = None) -> Iterator[Row]:
+    file_kind = None
+    with open(metadata, encoding="utf-8") as handle:
+        for index, line in enumerate(handle):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as error:
+                report.skip("bad_json", index, f"line {index + 1} of {metadata}: {error}", cfg.strict)
+                continue
+            entry = entry if isinstance(entry, dict) else {}
+            kind = line_kind(entry, file_kind or required)
+            if file_kind is None:  # the first object decides: a wrong file, not one bad line
+                if kind is None:
+                    raise schema_error(source, list(entry), f"metadata.jsonl keys (line {index + 1})")
+                if required is not None and kind != required:
+                    raise DataError(f"data.source={source}: data.format={required} needs metadata.jsonl lines with "
+                                    f"{', '.join(JSONL_KINDS[required])}, but line {index + 1} is a {kind} entry "
+                                    f"with {list(entry)}; set data.format=jsonl (or auto) to read it as {kind}")
+                file_kind = kind
+            if kind != file_kind:
+                missing = [key for key in JSONL_KINDS[file_kind] if key not in entry]
+                detail = (f"line {index + 1} lacks {missing}" if kind is None else
+                          f"line {index + 1} is a {kind} entry, but the first entry made this a file of "
+                          f"{file_kind} entries (one metadata.jsonl holds one kind)")
+                report.skip("missing_field", index, detail, cfg.strict)
+                continue
+            row = entry_row(index, kind, entry, metadata.parent, cfg, report)
+            if row is not None:
+                yield row
+
+
+def entry_row(index: int, kind: str, entry: dict, folder: Path, cfg: DataConfig, report: SkipReport) -> Row | None:
+    def file(name: Any) -> Path | None:
+        return folder / name if isinstance(name, str) and name else None
+
+    if kind == "pair":
+        present = [key for key in PAIR_SCORES if key in entry]
+        if len(present) == 1:
+            report.skip("missing_field", index, f"line {index + 1} has {present[0]} but not the other of "
+                        f"{' and '.join(PAIR_SCORES)} (give both or neither)", cfg.strict)
+            return None
+        scores = [entry[key] for key in PAIR_SCORES] if present else None
+        cells = [file(entry["chosen_file_name"]), file(entry["rejected_file_name"])]
+        return Row(index, "pair", entry["prompt"], cells, 1, scores)
+    if kind == "labelled":
+        return Row(index, "labelled", entry["prompt"], [file(entry["file_name"])], entry["label"])
+    names = entry["file_names"]
+    cells = [file(name) for name in names] if isinstance(names, list) else []
+    return Row(index, "ranked", entry["prompt"], cells, scores=entry["scores"])

@@ -1,0 +1,150 @@
+"""Reference-model strategies (``objective.reference``): where the reference errors R come from.
+
+- ``lora_disabled``: the policy network itself with its LoRA adapters switched off. No extra memory.
+- ``frozen_copy``: a separate frozen copy of the starting weights (the default for full fine-tuning), optionally
+  kept on the CPU between passes (``objective.reference_offload``), as the original Diffusion-DPO SDXL run did.
+- ``ema``: a reference that follows the policy as an exponential moving average, updated every
+  ``objective.ema_update_every`` optimizer steps with ``ref <- d * ref + (1 - d) * policy`` ("Rethinking DPO in
+  Diffusion Models", arXiv 2505.18736). With LoRA the average is kept over the LoRA weights and swapped into the
+  adapter for the reference pass; with full fine-tuning it is a separate copy of the whole network.
+- ``none``: no reference pass at all (MaPO, SFT).
+
+Every reference pass runs under ``torch.no_grad`` on the *unwrapped* module: under DDP, toggling adapters
+through the wrapper fails (diffusers #6351) and a second forward through it confuses gradient checkpointing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+
+from diffalign.training.lora import adapters_disabled
+
+
+def unwrap(model):
+    return getattr(model, "module", model)
+
+
+class LoraDisabledReference:
+    name = "lora_disabled"
+
+    def model_for_pass(self, policy):
+        return adapters_disabled(unwrap(policy))
+
+    def update(self, policy, step: int) -> None:
+        pass
+
+
+class FrozenCopyReference:
+    """A frozen copy of the network as it was before training; optionally parked on the CPU."""
+
+    name = "frozen_copy"
+
+    def __init__(self, denoiser: torch.nn.Module, device, dtype, offload: bool):
+        self.device, self.offload = torch.device(device), offload
+        self.model = copy.deepcopy(unwrap(denoiser)).requires_grad_(False).eval()
+        self.model.to("cpu" if offload else self.device, dtype=dtype)
+
+    @contextlib.contextmanager
+    def model_for_pass(self, policy):
+        if self.offload:
+            self.model.to(self.device)
+        try:
+            yield self.model
+        finally:
+            if self.offload:
+                self.model.to("cpu")
+
+    def update(self, policy, step: int) -> None:
+        pass
+
+
+class EmaReference(FrozenCopyReference):
+    """Full fine-tuning: a separate copy of the network, moved towards the policy every N optimizer steps."""
+
+    name = "ema"
+
+    def __init__(self, denoiser, device, dtype, offload: bool, decay: float, every: int):
+        super().__init__(denoiser, device, dtype, offload)
+        self.decay, self.every = decay, every
+
+    @torch.no_grad()
+    def update(self, policy, step: int) -> None:
+        if step % self.every:
+            return
+        policy_params = dict(unwrap(policy).named_parameters())
+        for name, param in self.model.named_parameters():
+            source = policy_params[name].detach().to(param.device, param.dtype)
+            param.lerp_(source, 1.0 - self.decay)
+
+    def state_dict(self) -> dict:
+        return {k: v.cpu() for k, v in self.model.state_dict().items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state)
+
+
+class LoraEmaReference:
+    """LoRA training: an EMA of the trainable LoRA weights, swapped into the adapter for the reference pass."""
+
+    name = "ema"
+
+    def __init__(self, denoiser, decay: float, every: int):
+        self.decay, self.every = decay, every
+        self.shadow = {n: p.detach().clone() for n, p in self.trainable(denoiser).items()}
+
+    @staticmethod
+    def trainable(model) -> dict[str, torch.nn.Parameter]:
+        return {name: param for name, param in unwrap(model).named_parameters() if param.requires_grad}
+
+    @contextlib.contextmanager
+    def model_for_pass(self, policy):
+        params = self.trainable(policy)
+        saved = {name: param.detach().clone() for name, param in params.items()}
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(self.shadow[name])
+        try:
+            yield unwrap(policy)
+        finally:
+            with torch.no_grad():
+                for name, param in params.items():
+                    param.copy_(saved[name])
+
+    @torch.no_grad()
+    def update(self, policy, step: int) -> None:
+        if step % self.every:
+            return
+        for name, param in self.trainable(policy).items():
+            self.shadow[name].lerp_(param.detach(), 1.0 - self.decay)
+
+    def state_dict(self) -> dict:
+        return {k: v.cpu() for k, v in self.shadow.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, value in state.items():
+            self.shadow[name].copy_(value)
+
+
+def build_reference(strategy: str, objective_cfg, lora_enabled: bool, denoiser, device, dtype):
+    """The reference for ``strategy`` (already validated by the config); None for ``none``.
+
+    Call before training starts: ``frozen_copy`` and ``ema`` copy the weights as they are now.
+    """
+    if strategy == "none":
+        return None
+    if strategy == "lora_disabled":
+        return LoraDisabledReference()
+    if strategy == "frozen_copy":
+        if lora_enabled:  # the copy must be of the base weights only, i.e. with the adapter's effect removed
+            with adapters_disabled(unwrap(denoiser)):
+                return FrozenCopyReference(denoiser, device, dtype, objective_cfg.reference_offload)
+        return FrozenCopyReference(denoiser, device, dtype, objective_cfg.reference_offload)
+    if strategy == "ema":
+        if lora_enabled:
+            return LoraEmaReference(denoiser, objective_cfg.ema_decay, objective_cfg.ema_update_every)
+        return EmaReference(denoiser, device, dtype, objective_cfg.reference_offload, objective_cfg.ema_decay,
+                            objective_cfg.ema_update_every)
+    raise ValueError(f"unknown reference strategy {strategy!r}")

@@ -1,0 +1,78 @@
+"""The arithmetic of one training step, separate from the loop so it can be tested on its own."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def step_generator(seed: int, micro_step: int, process_index: int) -> torch.Generator:
+    """Noise, timesteps and prompt dropout come from a generator seeded by (seed, micro-step, rank), so a
+    resumed run draws exactly what an uninterrupted one would have drawn."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + micro_step) * 1_009 + process_index)
+
+
+def per_sample_errors(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return ((pred.float() - target.float()) ** 2).mean(dim=tuple(range(1, pred.ndim)))
+
+
+@dataclass
+class StepErrors:
+    policy: torch.Tensor  # (B, K)
+    reference: torch.Tensor | None  # (B, K)
+    residuals: torch.Tensor | None  # (B, K, C, h, w), detached
+    timesteps: torch.Tensor  # (B,)
+
+
+def denoising_errors(family, components, model, latents, cond, generator, device, reference=None,
+                     timestep_cfg=None, with_residuals: bool = False) -> StepErrors:
+    """Policy (and reference) errors, shape (B, K), for latents (B, K, C, h, w) and per-record conditioning.
+
+    Each record's K images share one noise draw and one timestep. ``reference`` is a strategy from
+    ``training.reference`` (None: no reference pass). Per-timestep weights (``train.timesteps.weighting``)
+    multiply both the policy and the reference errors.
+    """
+    batch, k = latents.shape[:2]
+    noise = torch.randn((batch, 1, *latents.shape[2:]), generator=generator).to(device).expand_as(latents)
+    timesteps = family.sample_timesteps(components, batch, generator, timestep_cfg).to(device)
+    # [image 0 of every record; image 1 of every record; ...]: for pairs, winners then losers.
+    x0 = latents.transpose(0, 1).reshape(k * batch, *latents.shape[2:])
+    eps = noise.transpose(0, 1).reshape(k * batch, *latents.shape[2:])
+    t = timesteps.repeat(k)
+    cond = {name: tensor.repeat(k, *([1] * (tensor.ndim - 1))) for name, tensor in cond.items()}
+    x_t, target = family.noisy_input_and_target(components, x0, eps, t)
+    pred = family.predict(model, x_t, t, cond)
+    policy_err = per_sample_errors(pred, target).view(k, batch).T
+    residuals = None
+    if with_residuals:
+        residuals = (pred.detach().float() - target.float()).view(k, batch, *pred.shape[1:]).transpose(0, 1)
+    ref_err = None
+    if reference is not None:
+        with torch.no_grad(), reference.model_for_pass(model) as reference_model:
+            ref_pred = family.predict(reference_model, x_t, t, cond)
+            ref_err = per_sample_errors(ref_pred, target).view(k, batch).T
+    weights = family.timestep_weights(components, timesteps, timestep_cfg) if timestep_cfg is not None else None
+    if weights is not None:
+        weights = weights.to(device).view(batch, 1)
+        policy_err = policy_err * weights
+        ref_err = ref_err * weights if ref_err is not None else None
+    return StepErrors(policy_err, ref_err, residuals, timesteps)
+
+
+def batch_tensors(batch: dict, family, components, device, weight_dtype, empty_cond, prompt_dropout: float,
+                  generator: torch.Generator):
+    """Latents (B, K, C, h, w) and conditioning for a collated batch, cached or not, with prompt dropout."""
+    if "latents" in batch:
+        latents = batch["latents"].to(device)
+        cond = {name: value.to(device) for name, value in batch["cond"].items()}
+    else:  # uncached: encode every step, as the diffusers reference script does
+        pixels = batch["pixels"]
+        latents = family.encode_images(components, pixels.flatten(0, 1)).float()
+        latents = latents.view(*pixels.shape[:2], *latents.shape[1:])
+        cond = family.encode_prompts(components, batch["prompts"])
+    if empty_cond is not None:
+        drop = (torch.rand(latents.shape[0], generator=generator) < prompt_dropout).to(device)
+        cond = {name: torch.where(drop.view(-1, *[1] * (value.ndim - 1)), empty_cond[name].to(value.dtype), value)
+                for name, value in cond.items()}
+    return latents.to(weight_dtype), {name: value.to(weight_dtype) for name, value in cond.items()}
