@@ -77,7 +77,7 @@ def run_train(args) -> int:
     from diffalign.training.trainer import train
 
     result = train(load_config(args.config, args.overrides))
-    print(f"LoRA:        {result.lora_path}")
+    print(f"{'LoRA:' if result.lora_path and result.lora_path.is_file() else 'weights:':<13}{result.lora_path}")
     print(f"model card:  {result.output_dir / 'README.md'}")
     if result.grid_path:
         print(f"sample grid: {result.grid_path}")

@@ -63,3 +63,15 @@ def test_bad_input_gives_one_line_error_and_exit_code_2(tmp_path):
     assert "Did you mean 'max_steps'" in bad_key.stderr and "Traceback" not in bad_key.stderr
     missing = run_cli("export", str(tmp_path))
     assert missing.returncode == 2 and "pytorch_lora_weights.safetensors" in missing.stderr
+
+
+def test_readme_objective_table_covers_every_objective():
+    from diffalign.objectives import available_objectives, get_objective
+
+    readme = (ROOT / "README.md").read_text()
+    shipped = [n for n in available_objectives() if get_objective(n).loss_fn.__module__.startswith("diffalign.")]
+    assert len(shipped) >= 8
+    for name in shipped:
+        assert f"| `{name}` |" in readme, name
+        assert (ROOT / "configs" / f"tiny_{name}.yaml").is_file(), name
+        assert (ROOT / "configs" / f"sd15_{name}.yaml").is_file(), name

@@ -15,6 +15,33 @@ def write_model_card(cfg, output_dir: Path, run_info: dict, base_path: str | Non
     data = run_info.get("data", {})
     skipped = ", ".join(f"{k}: {v}" for k, v in sorted(data.get("skipped", {}).items())) or "none"
     params = ", ".join(f"{k}={v}" for k, v in cfg.objective.selected.items()) or "none"
+    from diffalign.config import resolve_reference
+
+    reference = resolve_reference(cfg)
+    if cfg.lora.enabled:
+        alpha = cfg.lora.alpha if cfg.lora.alpha is not None else cfg.lora.rank
+        lora_row = f"LoRA rank {cfg.lora.rank}, alpha {alpha}, on {', '.join(cfg.lora.target_modules)}"
+        how_to_load = f"""```python
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{base_path}")
+pipe.load_lora_weights("{output_dir}")
+image = pipe("a photo of a cat").images[0]
+```
+
+For ComfyUI / A1111, export the kohya format: `diffalign export {output_dir} --format kohya`."""
+    else:
+        lora_row = "full fine-tune of the denoiser, saved as a diffusers folder in `unet/`"
+        how_to_load = f"""```python
+from diffusers import DiffusionPipeline, UNet2DConditionModel
+
+unet = UNet2DConditionModel.from_pretrained("{output_dir}/unet")
+pipe = DiffusionPipeline.from_pretrained("{base_path}", unet=unet)
+image = pipe("a photo of a cat").images[0]
+```"""
+    if cfg.objective.name == "npo":
+        how_to_load += ("\n\nThis is a *negative* LoRA (NPO): it is meant for the unconditional branch of "
+                        "classifier-free guidance, not to be sampled alone.")
     front_matter = yaml.safe_dump(
         {"base_model": cfg.model.pretrained, "library_name": "diffusers",
          "tags": ["diffalign", "lora", cfg.objective.name, "text-to-image"]},
@@ -23,7 +50,7 @@ def write_model_card(cfg, output_dir: Path, run_info: dict, base_path: str | Non
     card = f"""---
 {front_matter}---
 
-# {cfg.objective.name} LoRA for `{cfg.model.pretrained}`
+# {cfg.objective.name} {"LoRA" if cfg.lora.enabled else "fine-tune"} for `{cfg.model.pretrained}`
 
 Trained with [diffalign](https://pypi.org/project/diffalign/).
 
@@ -34,7 +61,8 @@ Trained with [diffalign](https://pypi.org/project/diffalign/).
 | data | `{cfg.data.source}`: {data.get("kept", "?")} records used, skipped: {skipped} |
 | steps | {run_info["global_step"]} optimizer steps ({run_info.get("skipped_steps", 0)} skipped), batch {cfg.train.batch_size} x accumulation {cfg.train.gradient_accumulation_steps} x {run_info.get("num_processes", 1)} processes |
 | learning rate | {cfg.train.learning_rate} ({cfg.train.lr_scheduler}, warmup {cfg.train.lr_warmup_steps}) |
-| LoRA | rank {cfg.lora.rank}, alpha {cfg.lora.alpha if cfg.lora.alpha is not None else cfg.lora.rank}, on {", ".join(cfg.lora.target_modules)} |
+| weights | {lora_row} |
+| reference | {reference} |
 | mixed precision | {cfg.train.mixed_precision} |
 
 ## Final metrics (mean over the last logging window)
@@ -45,15 +73,7 @@ Trained with [diffalign](https://pypi.org/project/diffalign/).
 
 ## How to load
 
-```python
-from diffusers import DiffusionPipeline
-
-pipe = DiffusionPipeline.from_pretrained("{base_path}")
-pipe.load_lora_weights("{output_dir}")
-image = pipe("a photo of a cat").images[0]
-```
-
-For ComfyUI / A1111, export the kohya format: `diffalign export {output_dir} --format kohya`.
+{how_to_load}
 The full resolved config is in `config.yaml`; validation grids are in `samples/`; tensorboard logs in `logs/`.
 """
     path = output_dir / "README.md"
