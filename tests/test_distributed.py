@@ -5,17 +5,19 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, tiny_overrides
 from safetensors.torch import load_file
 
 
-def test_two_process_run_has_two_ranks_with_identical_lora(tmp_path, tiny_model_path, tiny_data_path):
+@pytest.mark.parametrize("config", ["tiny_dpo.yaml", "tiny_kto.yaml"])  # KTO all-reduces its reference point
+def test_two_process_run_has_two_ranks_with_identical_lora(tmp_path, tiny_model_path, tiny_data_path, config):
     run = tmp_path / "ddp"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(ROOT / "scripts" / "train.py"), "--config", str(ROOT / "configs" / "tiny_dpo.yaml"),
+        str(ROOT / "scripts" / "train.py"), "--config", str(ROOT / "configs" / config),
         *tiny_overrides(run, **{"train.max_steps": 3, "train.batch_size": 2, "train.checkpointing_steps": 2}),
     ]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
