@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 TINY_RESOLUTION = 32
 TINY_FAMILIES = ("sd15",)
-TINY_DATASETS = ("pairs", "pairs-parquet", "scored-pairs", "ranked")
+TINY_DATASETS = ("pairs", "pairs-parquet", "scored-pairs", "ranked", "captions")
 
 
 def cache_root() -> Path:
@@ -164,6 +164,23 @@ def build_tiny_sd15(out_dir: str | Path, seed: int = 0) -> Path:
 MODEL_BUILDERS = {"sd15": build_tiny_sd15}
 
 
+def build_tiny_lora(out_dir: str | Path, base: str = "tiny:sd15", seed: int = 0, rank: int = 4,
+                    alpha: float = 4.0, std: float = 0.05) -> Path:
+    """A LoRA with random (non-zero) weights for a tiny base, saved as training would save it."""
+    from diffalign.config import LoraConfig, ModelConfig
+    from diffalign.families import load_components
+    from diffalign.training.lora import attach_lora, save_lora
+
+    components = load_components(ModelConfig(pretrained=base))
+    torch.manual_seed(seed)
+    attach_lora(components.denoiser, LoraConfig(rank=rank, alpha=alpha), components.family.default_lora_targets)
+    with torch.no_grad():
+        for name, param in components.denoiser.named_parameters():
+            if "lora_" in name:
+                param.normal_(0.0, std)
+    return save_lora(components.family, components.denoiser, out_dir).parent
+
+
 def build_tiny_model(out_dir: str | Path, family: str = "sd15", seed: int = 0) -> Path:
     if family not in MODEL_BUILDERS:
         raise ValueError(f"no tiny model for family '{family}'; available: {', '.join(MODEL_BUILDERS)}")
@@ -211,8 +228,8 @@ def build_tiny_pairs(out_dir: str | Path, num_pairs: int = 64, seed: int = 0, nu
 
     Writes ``out_dir/pairs.parquet`` (Pick-a-Pic schema, winner side shuffled, plus ``num_ties`` tie rows that
     readers drop), ``out_dir/jsonl/`` (PNG files + metadata.jsonl with chosen/rejected file names),
-    ``out_dir/scored/`` (the same pairs with toy ``redness`` scores) and ``out_dir/ranked/`` (4 scored images
-    per prompt).
+    ``out_dir/scored/`` (the same pairs with toy ``redness`` scores), ``out_dir/ranked/`` (4 scored images
+    per prompt) and ``out_dir/captions/`` (every image of the pairs with a caption naming its colour, no label).
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -257,6 +274,13 @@ def build_tiny_pairs(out_dir: str | Path, num_pairs: int = 64, seed: int = 0, nu
         entry["rejected_file_name"] = f"../jsonl/{entry['rejected_file_name']}"
     (out_dir / "scored").mkdir(exist_ok=True)
     write_jsonl(out_dir / "scored" / "metadata.jsonl", scored)
+    # Image-caption data (Self-NPO): the same images, one line each, captioned with their colour.
+    captions = [
+        {"prompt": entry["prompt"].replace("a ", f"a {colour} ", 1), "file_name": f"../jsonl/{entry[key]}"}
+        for entry in metadata for colour, key in (("red", "chosen_file_name"), ("blue", "rejected_file_name"))
+    ]
+    (out_dir / "captions").mkdir(exist_ok=True)
+    write_jsonl(out_dir / "captions" / "metadata.jsonl", captions)
     build_tiny_rankings(out_dir / "ranked", num_groups=num_pairs // 2, images_per_group=4, seed=seed + 1)
     return out_dir
 
@@ -305,12 +329,13 @@ def resolve_model_spec(spec: str, seed: int = 0) -> str:
 
 def resolve_data_spec(spec: str, seed: int = 0) -> str:
     """``tiny:pairs`` -> the cached jsonl folder, ``tiny:pairs-parquet`` -> the parquet file,
-    ``tiny:scored-pairs`` -> pairs with redness scores, ``tiny:ranked`` -> 4 scored images per prompt."""
+    ``tiny:scored-pairs`` -> pairs with redness scores, ``tiny:ranked`` -> 4 scored images per prompt,
+    ``tiny:captions`` -> single images with captions (no labels)."""
     if not is_tiny_spec(spec):
         return spec
     name = spec.split(":", 1)[1]
     if name not in TINY_DATASETS:
         raise ValueError(f"unknown tiny dataset '{spec}'; available: {', '.join('tiny:' + d for d in TINY_DATASETS)}")
-    root = build_atomically(cache_root() / "tiny" / f"pairs-v2-seed{seed}", lambda tmp: build_tiny_pairs(tmp, seed=seed))
+    root = build_atomically(cache_root() / "tiny" / f"pairs-v3-seed{seed}", lambda tmp: build_tiny_pairs(tmp, seed=seed))
     return str(root / {"pairs": "jsonl", "pairs-parquet": "pairs.parquet", "scored-pairs": "scored",
-                       "ranked": "ranked"}[name])
+                       "ranked": "ranked", "captions": "captions"}[name])

@@ -1,0 +1,224 @@
+"""``load_pipeline``: a stock diffusers pipeline whose denoiser picks its LoRA adapters at every call.
+
+    pipe = load_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5", lora="runs/dpo", npo="runs/npo")
+    image = pipe("a fox in the snow", guidance_scale=7.5).images[0]
+
+NPO-guided CFG (Diffusion-NPO): the pipeline's CFG batch is [negative/unconditional; conditional]. The
+conditional half runs with theta_pos = base + positive LoRA; the negative half with
+theta_neg = base + NPO LoRA + (1 - merge_weight) * positive LoRA, so that
+``eps = eps_neg + s * (eps_pos - eps_neg)`` is computed by the pipeline's own guidance line.
+Timestep segments: at each call only the LoRA whose [t_lo, t_hi) holds t is active (part of theta_pos and,
+scaled like the positive LoRA, of theta_neg); outside every interval the base runs.
+
+All adapters live on one copy of the base weights and are switched per call (``set_adapters``), so memory is
+one model plus small LoRAs, not one model per branch. The pipeline's loop is untouched: any scheduler, any
+guidance scale, negative prompts and ``num_images_per_prompt`` work as usual.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from diffalign.guidance.segments import Segment, parse_segments
+from diffalign.training.lora import LORA_WEIGHT_NAME
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "pndm": "PNDMScheduler",
+    "ddpm": "DDPMScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+
+
+def lora_file(path: str | Path) -> Path:
+    """A run folder, checkpoint folder or .safetensors file -> the LoRA weight file, or a clear error."""
+    path = Path(path)
+    candidate = path / LORA_WEIGHT_NAME if path.is_dir() else path
+    if not candidate.is_file():
+        raise FileNotFoundError(f"no LoRA at {path}: expected a run folder holding {LORA_WEIGHT_NAME} "
+                                "or a .safetensors LoRA file")
+    return candidate
+
+
+def check_lora_fits(denoiser: torch.nn.Module, path: Path, prefix: str) -> None:
+    """Refuse a LoRA trained for another base: every LoRA module must exist here with matching shapes.
+
+    (diffusers would otherwise skip unknown keys with a warning, and sample the base model silently.)
+    """
+    from safetensors import safe_open
+
+    modules = dict(denoiser.named_modules())
+    checked = 0
+    with safe_open(str(path), framework="pt") as handle:
+        for key in handle.keys():
+            if not key.startswith(f"{prefix}.") or not key.endswith(("lora.down.weight", "lora_A.weight")):
+                continue
+            module_path = key[len(prefix) + 1 :].rsplit(".lora", 1)[0]
+            module = modules.get(module_path)
+            if module is None:
+                raise ValueError(f"LoRA {path} does not fit this base model: it adapts '{module_path}', which "
+                                 "this denoiser does not have. It was trained for a different base.")
+            weight = getattr(module, "base_layer", module).weight
+            rank, fan_in = handle.get_slice(key).get_shape()[:2]
+            if fan_in != weight.shape[1]:
+                raise ValueError(f"LoRA {path} does not fit this base model: '{module_path}' takes {weight.shape[1]} "
+                                 f"inputs here but {fan_in} in the LoRA. It was trained for a different base.")
+            checked += 1
+    if checked == 0:
+        raise ValueError(f"LoRA {path} holds no '{prefix}.*' LoRA weights in the diffusers format; for kohya files "
+                         "load them with pipe.load_lora_weights directly")
+
+
+@dataclass
+class AdapterRouter:
+    """Decides which adapters (with which weights) are active for a denoiser call, and records it."""
+
+    positive: str | None = None
+    positive_scale: float = 1.0
+    npo: str | None = None
+    npo_scale: float = 1.0
+    merge_weight: float = 0.0
+    segments: list[tuple[str, Segment]] = field(default_factory=list)
+    # (t, branch, adapters) of recent calls, for inspection and tests; bounded so long sessions stay small
+    trace: deque = field(default_factory=lambda: deque(maxlen=10_000))
+    record: bool = True
+
+    def positive_adapters(self, t: float) -> dict[str, float]:
+        adapters = {}
+        if self.positive:
+            adapters[self.positive] = self.positive_scale
+        for name, segment in self.segments:
+            if segment.contains(t):
+                adapters[name] = segment.scale
+        return adapters
+
+    def negative_adapters(self, t: float) -> dict[str, float]:
+        adapters = {name: (1.0 - self.merge_weight) * weight for name, weight in self.positive_adapters(t).items()}
+        if self.npo:
+            adapters[self.npo] = self.npo_scale
+        return {name: weight for name, weight in adapters.items() if weight != 0.0}
+
+    def log(self, t: float, branch: str, adapters: dict[str, float]) -> None:
+        if self.record:
+            self.trace.append((t, branch, dict(adapters)))
+
+
+def activate(denoiser, adapters: dict[str, float]) -> None:
+    if adapters:
+        denoiser.enable_adapters()
+        denoiser.set_adapters(list(adapters), list(adapters.values()))
+    else:
+        denoiser.disable_adapters()
+
+
+def split_batch(value, half: int, index: int):
+    """The ``index``-th half of every batch-shaped tensor in an argument (recursing into dicts)."""
+    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == 2 * half:
+        return value[index * half : (index + 1) * half]
+    if isinstance(value, dict):
+        return {key: split_batch(item, half, index) for key, item in value.items()}
+    return value
+
+
+def join_outputs(first, second):
+    if isinstance(first, tuple):
+        return (torch.cat([first[0], second[0]]), *first[1:])
+    return type(first)(sample=torch.cat([first.sample, second.sample]))
+
+
+def timestep_value(timestep) -> float:
+    return float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+
+
+def install_router(pipe, denoiser_name: str, router: AdapterRouter) -> None:
+    """Wrap the denoiser's forward so each call runs with the adapters the router picks."""
+    denoiser = getattr(pipe, denoiser_name)
+    original = denoiser.forward
+
+    @functools.wraps(original)
+    def routed_forward(sample, timestep, *args, **kwargs):
+        t = timestep_value(timestep)
+        positive = router.positive_adapters(t)
+        negative = router.negative_adapters(t)
+        guided = getattr(pipe, "do_classifier_free_guidance", False) and sample.shape[0] % 2 == 0
+        if not guided or negative == positive:  # one call serves both halves
+            router.log(t, "both" if guided else "conditional", positive)
+            activate(denoiser, positive)
+            return original(sample, timestep, *args, **kwargs)
+        half = sample.shape[0] // 2
+        outputs = []
+        for index, (branch, adapters) in enumerate((("negative", negative), ("conditional", positive))):
+            router.log(t, branch, adapters)
+            activate(denoiser, adapters)
+            outputs.append(original(split_batch(sample, half, index), split_batch(timestep, half, index),
+                                    *[split_batch(a, half, index) for a in args],
+                                    **{k: split_batch(v, half, index) for k, v in kwargs.items()}))
+        return join_outputs(*outputs)
+
+    denoiser.forward = routed_forward
+    pipe.adapter_router = router
+
+
+def set_scheduler(pipe, name: str) -> None:
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler '{name}'; choose one of {', '.join(SCHEDULERS)}")
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+
+
+def load_pipeline(base: str, lora: str | None = None, npo: str | None = None, npo_merge_weight: float = 0.0,
+                  segments=None, lora_scale: float = 1.0, npo_scale: float = 1.0, scheduler: str | None = None,
+                  torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None):
+    """A stock diffusers pipeline for ``base`` (hub id, folder or tiny:<family>) with diffalign's adapter routing.
+
+    Args:
+        lora: the positive LoRA (run folder or file), used in the conditional branch.
+        npo: a negative LoRA from ``npo`` or ``self_npo`` training, used in the negative/unconditional branch.
+        npo_merge_weight: m in theta_neg = base + npo + (1 - m) * positive (0 = the authors' default).
+        segments: a segments.yaml path or list (see ``guidance.segments``): per-timestep-interval LoRAs.
+        lora_scale, npo_scale: adapter weights of the positive and the NPO LoRA.
+        scheduler: replace the pipeline's scheduler by name (ddim, dpm, euler, euler_a, pndm, ddpm, unipc).
+    """
+    from diffusers import DiffusionPipeline
+
+    from diffalign.families import detect_family
+    from diffalign.tiny import resolve_model_spec
+
+    if not 0.0 <= npo_merge_weight <= 1.0:
+        raise ValueError(f"npo_merge_weight must be in [0, 1], got {npo_merge_weight}")
+    path = resolve_model_spec(base)
+    family = detect_family(path)
+    # Fail on bad LoRA paths and segment specs before loading multi-GB weights.
+    named_files = [("positive", lora_file(lora))] if lora else []
+    if npo:
+        named_files.append(("npo", lora_file(npo)))
+    parsed_segments = parse_segments(segments) if segments is not None else []
+    named_files += [(f"segment_{i}", lora_file(segment.lora)) for i, segment in enumerate(parsed_segments)]
+
+    pipe = DiffusionPipeline.from_pretrained(path, **({"torch_dtype": torch_dtype} if torch_dtype else {}))
+    denoiser_name = family.denoiser_subfolder
+    denoiser = getattr(pipe, denoiser_name)
+    for name, file in named_files:
+        check_lora_fits(denoiser, file, denoiser_name)
+        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
+    if scheduler:
+        set_scheduler(pipe, scheduler)
+    router = AdapterRouter(
+        positive="positive" if lora else None, positive_scale=lora_scale,
+        npo="npo" if npo else None, npo_scale=npo_scale, merge_weight=npo_merge_weight,
+        segments=[(f"segment_{i}", segment) for i, segment in enumerate(parsed_segments)],
+    )
+    if named_files:
+        install_router(pipe, denoiser_name, router)
+    if device is not None:
+        pipe.to(device)
+    return pipe

@@ -1,0 +1,84 @@
+"""Timestep segments: which LoRA is active in which interval of the denoising trajectory.
+
+A segments file (``segments.yaml``, written by segment training and read by ``load_pipeline(segments=...)`` and
+``diffalign sample --segments``)::
+
+    segments:
+      - lora: runs/segments/early        # run folder or .safetensors file; relative to the yaml file
+        interval: [500, 1000]            # [t_lo, t_hi) in the scheduler's training timesteps
+        scale: 1.0
+      - lora: runs/segments/late
+        interval: [0, 500]
+
+Outside every interval the base model runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class Segment:
+    lora: str
+    interval: tuple[float, float]
+    scale: float = 1.0
+
+    def contains(self, t: float) -> bool:
+        return self.interval[0] <= t < self.interval[1]
+
+
+def parse_segments(spec, base_dir: Path | None = None) -> list[Segment]:
+    """Segments from a yaml path, a list of dicts, or a list of ``(lora, (t_lo, t_hi))`` tuples; validated."""
+    if isinstance(spec, str | Path):
+        path = Path(spec)
+        if path.is_dir():
+            path = path / "segments.yaml"
+        if not path.is_file():
+            raise FileNotFoundError(f"segments file {spec} not found; expected a segments.yaml (see diffalign sample --help)")
+        raw = yaml.safe_load(path.read_text()) or {}
+        entries = raw.get("segments") if isinstance(raw, dict) else raw
+        base_dir = path.parent
+    else:
+        entries = spec
+    if not isinstance(entries, list) or not entries:
+        raise ValueError("segments must be a non-empty list of {lora, interval, scale} entries")
+    segments = []
+    for number, entry in enumerate(entries):
+        if isinstance(entry, dict):
+            unknown = set(entry) - {"lora", "interval", "scale"}
+            if unknown or "lora" not in entry or "interval" not in entry:
+                raise ValueError(f"segment {number}: expected keys lora, interval (and optional scale), got {sorted(entry)}")
+            lora, interval, scale = entry["lora"], entry["interval"], entry.get("scale", 1.0)
+        else:
+            lora, interval, *rest = entry
+            scale = rest[0] if rest else 1.0
+        if len(interval) != 2 or not float(interval[0]) < float(interval[1]):
+            raise ValueError(f"segment {number} ({lora}): interval {list(interval)} is empty; it must be [t_lo, t_hi) with t_lo < t_hi")
+        lora_path = Path(lora)
+        if base_dir is not None and not lora_path.is_absolute():
+            lora_path = base_dir / lora_path
+        segments.append(Segment(str(lora_path), (float(interval[0]), float(interval[1])), float(scale)))
+    ordered = sorted(segments, key=lambda s: s.interval[0])
+    for left, right in zip(ordered, ordered[1:]):
+        if left.interval[1] > right.interval[0]:
+            raise ValueError(f"segments overlap: {left.lora} {list(left.interval)} and {right.lora} {list(right.interval)}; "
+                             "at most one segment may be active at any timestep")
+    return segments
+
+
+def write_segments(path: Path, segments: list[Segment]) -> Path:
+    """Write a segments.yaml, with LoRA paths relative to its folder when they lie under it."""
+    entries = []
+    for segment in segments:
+        lora = Path(segment.lora)
+        try:
+            lora = lora.resolve().relative_to(path.parent.resolve())
+        except ValueError:
+            pass
+        entries.append({"lora": str(lora), "interval": [segment.interval[0], segment.interval[1]], "scale": segment.scale})
+    path.write_text(yaml.safe_dump({"segments": entries}, sort_keys=False))
+    return path
