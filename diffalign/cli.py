@@ -10,6 +10,7 @@ MAIN_EXAMPLES = """examples:
   diffalign train configs/sd15_dpo.yaml train.max_steps=500 # the real SD1.5 recipe, with an override
   diffalign tiny model /tmp/tiny-sd15 --family sd15         # a tiny random-weight diffusers checkpoint
   diffalign tiny data /tmp/tiny-pairs                       # a small synthetic preference set (parquet + jsonl)
+  diffalign sample --prompt-set shapes --lora runs/tiny_dpo --npo runs/tiny_npo   # NPO-guided sampling
   diffalign export runs/tiny_dpo --format kohya             # LoRA for ComfyUI / A1111
 """
 
@@ -27,6 +28,16 @@ TINY_EXAMPLES = """examples:
   diffalign tiny model /tmp/tiny-sd15 --family sd15 --seed 0
   diffalign tiny data /tmp/tiny-pairs --num-pairs 64
 Configs can name them without building by hand: model.pretrained=tiny:sd15, data.source=tiny:pairs.
+"""
+
+SAMPLE_EXAMPLES = """examples:
+  diffalign sample --model tiny:sd15 --prompt-set shapes --lora runs/tiny_dpo --out samples/dpo
+  diffalign sample --model tiny:sd15 --prompt "a square" --lora runs/tiny_dpo --npo runs/tiny_npo --num-images 4
+  diffalign sample --model tiny:sd15 --prompts prompts.txt --segments runs/tiny_dpo_segments/segments.yaml
+  diffalign sample --model stable-diffusion-v1-5/stable-diffusion-v1-5 --prompt-set everyday \\
+      --npo runs/sd15_npo --scheduler dpm --steps 25 --guidance 7.5
+Writes one PNG per image, samples.jsonl (prompt, seed and settings of each image) and grid.png.
+Image j of prompt i uses seed SEED + i * NUM_IMAGES + j, so setups sampled with one seed compare image by image.
 """
 
 EXPORT_EXAMPLES = """examples:
@@ -63,6 +74,33 @@ def build_parser() -> argparse.ArgumentParser:
     tiny_data.add_argument("--num-pairs", type=int, default=64)
     tiny_data.add_argument("--seed", type=int, default=0)
 
+    sample = commands.add_parser("sample", help="generate images, with LoRA, NPO guidance or timestep segments",
+                                 description="Generate images for prompts with any guidance mode.",
+                                 epilog=SAMPLE_EXAMPLES, formatter_class=formatter)
+    sample.add_argument("--model", default="tiny:sd15", help="hub id, diffusers folder or tiny:sd15")
+    prompts = sample.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", help="one prompt")
+    prompts.add_argument("--prompts", help="file: one prompt per line, or jsonl with a 'prompt' key")
+    prompts.add_argument("--prompt-set", help="a shipped prompt set (assets/prompts): shapes, everyday")
+    sample.add_argument("--lora", help="positive LoRA: run folder or .safetensors")
+    sample.add_argument("--npo", help="negative LoRA (npo / self_npo run) for the unconditional branch")
+    sample.add_argument("--npo-merge-weight", type=float, default=0.0, help="m in base + npo + (1-m) * lora")
+    sample.add_argument("--segments", help="segments.yaml from a timestep-segment run")
+    sample.add_argument("--lora-scale", type=float, default=1.0)
+    sample.add_argument("--npo-scale", type=float, default=1.0)
+    sample.add_argument("--out", default="samples", help="output folder")
+    sample.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--steps", type=int, default=25)
+    sample.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    sample.add_argument("--negative-prompt", default=None)
+    sample.add_argument("--scheduler", default=None, help="ddim, dpm, euler, euler_a, pndm, ddpm, unipc")
+    sample.add_argument("--height", type=int, default=None)
+    sample.add_argument("--width", type=int, default=None)
+    sample.add_argument("--batch-size", type=int, default=4)
+    sample.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    sample.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
+
     export = commands.add_parser("export", help="convert a trained LoRA to another format",
                                  description="Write a run's LoRA in another key format.", epilog=EXPORT_EXAMPLES,
                                  formatter_class=formatter)
@@ -76,7 +114,16 @@ def run_train(args) -> int:
     from diffalign.config import load_config
     from diffalign.training.trainer import train
 
-    result = train(load_config(args.config, args.overrides))
+    cfg = load_config(args.config, args.overrides)
+    if cfg.segments:
+        from diffalign.training.segments import train_segments
+
+        results = train_segments(cfg)
+        for segment, result in zip(cfg.segments, results):
+            print(f"segment {list(segment.interval)}: {result.lora_path}")
+        print(f"segments file: {result.output_dir.parent / 'segments.yaml'}  (diffalign sample --segments ...)")
+        return 0
+    result = train(cfg)
     print(f"{'LoRA:' if result.lora_path and result.lora_path.is_file() else 'weights:':<13}{result.lora_path}")
     print(f"model card:  {result.output_dir / 'README.md'}")
     if result.grid_path:
@@ -96,6 +143,32 @@ def run_tiny(args) -> int:
     return 0
 
 
+def run_sample(args) -> int:
+    import torch
+
+    from diffalign.guidance import load_pipeline
+    from diffalign.guidance.sample import SampleSettings, read_prompts, sample_to_folder
+
+    prompts = read_prompts(args.prompt, args.prompts, args.prompt_set)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.dtype == "float16" and device == "cpu":
+        raise ValueError("--dtype float16 needs a GPU; use float32 or bfloat16 on CPU")
+    pipe = load_pipeline(args.model, lora=args.lora, npo=args.npo, npo_merge_weight=args.npo_merge_weight,
+                         segments=args.segments, lora_scale=args.lora_scale, npo_scale=args.npo_scale,
+                         scheduler=args.scheduler, torch_dtype=getattr(torch, args.dtype) if args.dtype else None,
+                         device=device)
+    settings = SampleSettings(num_images=args.num_images, seed=args.seed, steps=args.steps,
+                              guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
+                              height=args.height, width=args.width, batch_size=args.batch_size)
+    setup = {"model": args.model, "lora": args.lora, "npo": args.npo, "npo_merge_weight": args.npo_merge_weight,
+             "segments": args.segments, "lora_scale": args.lora_scale, "npo_scale": args.npo_scale,
+             "scheduler": args.scheduler or type(pipe.scheduler).__name__}
+    log = sample_to_folder(pipe, prompts, settings, args.out, setup)
+    print(f"{len(prompts) * args.num_images} images in {args.out}; per-image settings in {log}; "
+          f"overview in {log.parent / 'grid.png'}")
+    return 0
+
+
 def run_export(args) -> int:
     from diffalign.training.lora import export_kohya
 
@@ -112,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    handlers = {"train": run_train, "tiny": run_tiny, "export": run_export}
+    handlers = {"train": run_train, "tiny": run_tiny, "sample": run_sample, "export": run_export}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as error:

@@ -55,7 +55,8 @@ REFERENCE_STRATEGIES = ["auto", "lora_disabled", "frozen_copy", "ema", "none"]
 @dataclass
 class ObjectiveConfig:
     name: str = "dpo"
-    # auto: none for reference-free objectives, lora_disabled with LoRA, frozen_copy for full fine-tuning
+    # auto: none for reference-free objectives, ema for self_npo, lora_disabled with LoRA, frozen_copy for full
+    # fine-tuning
     reference: str = "auto"
     reference_offload: bool = False  # frozen_copy / full-model ema: keep the copy on the CPU between passes
     ema_decay: float = 0.99  # ema: ref <- decay * ref + (1 - decay) * policy ...
@@ -127,6 +128,16 @@ class LogConfig:
 
 
 @dataclass
+class SegmentTrainConfig:
+    """One LoRA of a timestep-segment run: trained only on t in ``interval``, on its own data."""
+
+    interval: list[int] = field(default_factory=list)  # [t_lo, t_hi)
+    name: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)  # overrides of the data section for this segment
+    scale: float = 1.0  # adapter weight written to segments.yaml
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -134,6 +145,8 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    # Timestep-segment training: one LoRA per entry, then a segments.yaml for load_pipeline(segments=...).
+    segments: list[SegmentTrainConfig] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         raw = dataclasses.asdict(self)
@@ -160,6 +173,7 @@ class Config:
         if self.train.learning_rate <= 0:
             raise ConfigError(f"train.learning_rate must be positive, got {self.train.learning_rate}")
         validate_timesteps(self.train.timesteps)
+        validate_segments(self)
         from diffalign.objectives import available_objectives, get_objective
 
         get_objective(self.objective.name)
@@ -195,6 +209,8 @@ def resolve_reference(cfg: Config) -> str:
                           "lora_disabled (LoRA), frozen_copy or ema")
     if reference == "auto":
         reference = "lora_disabled" if cfg.lora.enabled else "frozen_copy"
+        if objective.name == "self_npo":  # its teacher is an EMA of the student (decay from objective.self_npo)
+            reference = "ema"
     if reference == "lora_disabled" and not cfg.lora.enabled:
         raise ConfigError("objective.reference=lora_disabled needs LoRA training: with lora.enabled=false there are no "
                           "adapters to disable. Use objective.reference=frozen_copy (or ema) for full fine-tuning")
@@ -204,6 +220,24 @@ def resolve_reference(cfg: Config) -> str:
     if not 0.0 <= objective_cfg.ema_decay < 1.0 or objective_cfg.ema_update_every < 1:
         raise ConfigError("objective.ema_decay must be in [0, 1) and objective.ema_update_every at least 1")
     return reference
+
+
+def validate_segments(cfg: Config) -> None:
+    if not cfg.segments:
+        return
+    from diffalign.guidance.segments import parse_segments
+
+    try:
+        parse_segments([(segment.name or f"segment {i}", segment.interval) for i, segment in enumerate(cfg.segments)])
+    except ValueError as error:
+        raise ConfigError(f"segments: {error}") from error
+    if cfg.train.timesteps.interval is not None:
+        raise ConfigError("train.timesteps.interval is set per segment by segments[].interval; remove it")
+    names = [segment.name for segment in cfg.segments if segment.name]
+    if len(names) != len(set(names)):
+        raise ConfigError(f"segments: names must be unique, got {names}")
+    for i, segment in enumerate(cfg.segments):
+        dataclass_from_dict(DataConfig, deep_merge(dataclasses.asdict(cfg.data), segment.data), f"segments[{i}].data")
 
 
 def validate_timesteps(ts: TimestepConfig) -> None:
@@ -291,8 +325,13 @@ def dataclass_from_dict(cls: type, raw: dict[str, Any], prefix: str) -> Any:
         if key not in fields:
             raise ConfigError(f"unknown config key '{dotted}'.{closest(key, fields)}")
         annotation = hints[key]
+        item_type = (typing.get_args(annotation) or [None])[0]
         if dataclasses.is_dataclass(annotation):
             values[key] = dataclass_from_dict(annotation, value or {}, dotted)
+        elif typing.get_origin(annotation) is list and dataclasses.is_dataclass(item_type):
+            if not isinstance(value, list):
+                raise ConfigError(f"{dotted} must be a list, got {value!r}")
+            values[key] = [dataclass_from_dict(item_type, item or {}, f"{dotted}[{i}]") for i, item in enumerate(value)]
         else:
             values[key] = _coerce(value, annotation, dotted)
     return cls(**values)

@@ -1,5 +1,6 @@
 """Reference strategies, full fine-tuning and timestep control."""
 
+import math
 import subprocess
 import sys
 import textwrap
@@ -187,3 +188,26 @@ def test_reference_free_objectives_make_no_reference_call(objective, forwards):
                               torch.Generator().manual_seed(0), "cpu", reference)
     assert len(calls) == forwards
     assert (errors.reference is None) == (forwards == 1)
+
+
+def test_full_model_ema_under_bf16_keeps_an_fp32_copy_that_moves(tmp_path, tiny_model_path):
+    from diffalign.training.trainer import train
+
+    cfg = load_config(ROOT / "configs/tiny_dpo.yaml", tiny_overrides(
+        tmp_path / "run", **{"lora.enabled": False, "train.max_steps": 2, "train.learning_rate": 1e-3,
+                             "train.lr_warmup_steps": 0, "train.mixed_precision": "bf16",
+                             "objective.reference": "ema", "objective.ema_update_every": 1,
+                             "objective.ema_decay": 0.999}))
+    result = train(cfg)  # the fp32 copy runs under bf16 autocast next to the bf16 inputs
+    assert math.isfinite(result.metrics["loss"]) and math.isfinite(result.metrics["ref_mse_w"])
+
+
+def test_ema_copy_is_fp32_so_small_updates_do_not_round_away():
+    policy = small_net()
+    reference = EmaReference(policy, "cpu", torch.bfloat16, offload=False, decay=0.999, every=1)
+    assert all(p.dtype == torch.float32 for p in reference.model.parameters())
+    start = reference.model[0].weight.detach().clone()
+    with torch.no_grad():
+        policy[0].weight.add_(1e-3)
+    reference.update(policy, step=1)
+    torch.testing.assert_close(reference.model[0].weight - start, torch.full_like(start, 1e-6), atol=1e-7, rtol=0)

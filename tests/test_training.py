@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,7 +168,9 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path):
     assert checkpointed.denoiser.is_gradient_checkpointing
 
 
-@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("tiny_*.yaml")))
+# segment recipes have their own test below
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("tiny_*.yaml")
+                                          if not p.stem.endswith("_segments")))
 def test_every_tiny_config_trains_end_to_end(tmp_path, config):
     cfg = load_config(ROOT / "configs" / config, tiny_overrides(tmp_path / "run", **{"train.max_steps": 2}))
     result = train(cfg)
@@ -175,3 +178,25 @@ def test_every_tiny_config_trains_end_to_end(tmp_path, config):
     assert (result.output_dir / "pytorch_lora_weights.safetensors").is_file()
     info = json.loads((result.output_dir / "run_info.json").read_text())
     assert info["data"]["kept"] > 0
+
+
+def test_segment_recipe_trains_one_lora_per_interval_and_samples(tmp_path):
+    config = "tiny_dpo_segments.yaml"
+    from diffalign.guidance import load_pipeline, parse_segments
+    from diffalign.training.segments import train_segments
+
+    cfg = load_config(ROOT / "configs" / config, tiny_overrides(tmp_path / "seg", **{"train.max_steps": 2}))
+    results = train_segments(cfg)
+    assert [r.global_step for r in results] == [2, 2]
+    segments = parse_segments(tmp_path / "seg" / "segments.yaml")
+    assert [s.interval for s in segments] == [(500, 1000), (0, 500)]
+    for segment, result in zip(segments, results):
+        assert Path(segment.lora).resolve() == result.output_dir.resolve()
+        trained = load_config(result.output_dir / "config.yaml")
+        assert trained.train.timesteps.interval == list(segment.interval)
+    assert load_config(results[1].output_dir / "config.yaml").data.source == "tiny:pairs-parquet"  # its own data
+    pipe = load_pipeline(cfg.model.pretrained, segments=tmp_path / "seg" / "segments.yaml")
+    pipe.set_progress_bar_config(disable=True)
+    pipe("a square", num_inference_steps=4, guidance_scale=3.0, output_type="latent")
+    active = {tuple(adapters) for _, _, adapters in pipe.adapter_router.trace}
+    assert active == {("segment_0",), ("segment_1",)}

@@ -18,48 +18,50 @@ def flip_choice(seed: int, epoch: int, position: int, slot: int) -> bool:
     return random.Random(((seed * 1_000_003 + epoch) * 1_000_003 + position) * 31 + slot).random() < 0.5
 
 
-class CachedPreferenceDataset(torch.utils.data.Dataset):
+class RecordDataset(torch.utils.data.Dataset):
+    """Shared part: the records, how many images of each are used, and the per-(epoch, record, slot) flips."""
+
+    def __init__(self, records: list, images_per_record: int | None, seed: int, random_flip: bool):
+        self.records, self.images_per_record = records, images_per_record
+        self.seed, self.random_flip = seed, random_flip
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def flipped(self, epoch: int, position: int, slot: int) -> bool:
+        return self.random_flip and flip_choice(self.seed, epoch, position, slot)
+
+
+class CachedPreferenceDataset(RecordDataset):
     """Returns cached latents (K, C, h, w) and conditioning tensors for one record."""
 
     def __init__(self, cache: FeatureCache, records: list[CachedRecord], images_per_record: int | None,
                  seed: int, random_flip: bool):
-        self.cache, self.records = cache, records
-        self.images_per_record, self.seed, self.random_flip = images_per_record, seed, random_flip
-
-    def __len__(self) -> int:
-        return len(self.records)
+        super().__init__(records, images_per_record, seed, random_flip)
+        self.cache = cache
 
     def __getitem__(self, item: tuple[int, int]) -> dict:
         position, epoch = item
         record = self.records[position]
-        latents = [
-            self.cache.load_latents(key, self.random_flip and flip_choice(self.seed, epoch, position, slot))
-            for slot, key in enumerate(record.image_keys[: self.images_per_record])
-        ]
+        latents = [self.cache.load_latents(key, self.flipped(epoch, position, slot))
+                   for slot, key in enumerate(record.image_keys[: self.images_per_record])]
         item = {"latents": torch.stack(latents), "cond": self.cache.load_text(record.prompt_key), "index": record.index}
         return with_targets(item, record, self.images_per_record)
 
 
-class RawPreferenceDataset(torch.utils.data.Dataset):
+class RawPreferenceDataset(RecordDataset):
     """Returns decoded pixels (K, 3, H, W) and the prompt: the uncached path, encoded by the trainer every step."""
 
-    def __init__(self, records: list[PreferenceRecord], family, resolution: int, images_per_record: int, seed: int,
-                 random_flip: bool):
-        self.records, self.family, self.resolution = records, family, resolution
-        self.images_per_record, self.seed, self.random_flip = images_per_record, seed, random_flip
-
-    def __len__(self) -> int:
-        return len(self.records)
+    def __init__(self, records: list[PreferenceRecord], family, resolution: int, images_per_record: int | None,
+                 seed: int, random_flip: bool):
+        super().__init__(records, images_per_record, seed, random_flip)
+        self.family, self.resolution = family, resolution
 
     def __getitem__(self, item: tuple[int, int]) -> dict:
         position, epoch = item
         record = self.records[position]
-        pixels = [
-            self.family.preprocess_image(
-                open_image(source), self.resolution, self.random_flip and flip_choice(self.seed, epoch, position, slot)
-            )
-            for slot, source in enumerate(record.images[: self.images_per_record])
-        ]
+        pixels = [self.family.preprocess_image(open_image(source), self.resolution, self.flipped(epoch, position, slot))
+                  for slot, source in enumerate(record.images[: self.images_per_record])]
         item = {"pixels": torch.stack(pixels), "prompt": record.prompt, "index": record.index}
         return with_targets(item, record, self.images_per_record)
 

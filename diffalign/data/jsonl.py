@@ -1,11 +1,13 @@
 """Local folders with a ``metadata.jsonl``: one JSON object per line, file names relative to the folder.
 
-A line's keys make it one of three kinds (``readers.JSONL_KINDS``):
+A line's keys make it one of four kinds (``readers.JSONL_KINDS``):
 
 - pair: ``prompt``, ``chosen_file_name``, ``rejected_file_name``; optional ``chosen_score`` and ``rejected_score``
   (both or neither);
 - labelled: ``prompt``, ``file_name``, ``label`` (0/1, 0.0/1.0 or false/true; 1 = desirable);
-- ranked: ``prompt``, ``file_names`` (a list), ``scores`` (numbers, one per file, at least 2).
+- ranked: ``prompt``, ``file_names`` (a list), ``scores`` (numbers, one per file, at least 2);
+- caption: ``prompt``, ``file_name`` and no ``label`` (the HF imagefolder metadata.jsonl convention): single-image
+  records with ``labels=None``, for objectives that need only images and captions (data kind ``images``).
 
 The first JSON object decides the file's kind; one that matches no kind means a wrong file and raises the schema
 error. Later lines of another kind, or lacking keys, are skipped as ``missing_field``. Values are checked by
@@ -80,7 +82,8 @@ def parse_jsonl(source: str, metadata: Path, cfg: DataConfig, report: SkipReport
                 file_kind = kind
             if kind != file_kind:
                 missing = [key for key in JSONL_KINDS[file_kind] if key not in entry]
-                detail = (f"line {index + 1} lacks {missing}" if kind is None else
+                partial = kind is None or set(JSONL_KINDS[kind]) < set(JSONL_KINDS[file_kind])  # caption < labelled
+                detail = (f"line {index + 1} lacks {missing}" if partial else
                           f"line {index + 1} is a {kind} entry, but the first entry made this a file of "
                           f"{file_kind} entries (one metadata.jsonl holds one kind)")
                 report.skip("missing_field", index, detail, cfg.strict)
@@ -105,6 +108,8 @@ def entry_row(index: int, kind: str, entry: dict, folder: Path, cfg: DataConfig,
         return Row(index, "pair", entry["prompt"], cells, 1, scores)
     if kind == "labelled":
         return Row(index, "labelled", entry["prompt"], [file(entry["file_name"])], entry["label"])
+    if kind == "caption":
+        return Row(index, "caption", entry["prompt"], [file(entry["file_name"])], None)
     names = entry["file_names"]
     cells = [file(name) for name in names] if isinstance(names, list) else []
     return Row(index, "ranked", entry["prompt"], cells, scores=entry["scores"])

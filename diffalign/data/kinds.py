@@ -12,6 +12,9 @@ A record's shape says what it is: one image with ``labels`` is a labelled single
   ranked sets are an error.
 - ``ranked``: ranked sets pass through and scored pairs are rankings of two; pairs without scores are an error,
   and every record must have the same number of images.
+- ``images``: only images and captions are needed (Self-NPO): every image of every record becomes a single-image
+  record (prompt, image) with labels and scores dropped; pairs and ranked sets give one record per image, kept ties
+  included. Caption-only data (jsonl lines with ``prompt`` and ``file_name``) passes through.
 
 Data that cannot give what the objective needs raises ``DataError`` naming the source and what to add.
 """
@@ -22,7 +25,7 @@ from collections import Counter
 
 from diffalign.data.records import DataError, PreferenceRecord
 
-DATA_KINDS = ("pair", "scored_pair", "labelled", "ranked")
+DATA_KINDS = ("pair", "scored_pair", "labelled", "ranked", "images")
 
 PAIR_FIELDS = ("jsonl lines with prompt, chosen_file_name, rejected_file_name; table columns chosen, rejected, "
                "prompt; or Pick-a-Pic columns caption, jpg_0, jpg_1, label_0")
@@ -39,7 +42,8 @@ def record_shape(record: PreferenceRecord) -> str:
 
 
 def adapt_records(records: list[PreferenceRecord], data_kind: str, source: str) -> list[PreferenceRecord]:
-    """The records as ``data_kind`` (pair | scored_pair | labelled | ranked) needs them; DataError if impossible."""
+    """The records as ``data_kind`` (pair | scored_pair | labelled | ranked | images) needs them; DataError if
+    impossible."""
     if data_kind not in DATA_KINDS:
         raise ValueError(f"unknown data kind {data_kind!r}; expected one of {', '.join(DATA_KINDS)}")
     shapes = Counter(record_shape(record) for record in records)
@@ -48,6 +52,8 @@ def adapt_records(records: list[PreferenceRecord], data_kind: str, source: str) 
         adapted = to_pairs(records, shapes, data_kind, where)
     elif data_kind == "labelled":
         adapted = to_labelled(records, shapes, where)
+    elif data_kind == "images":
+        adapted = to_images(records, shapes, where)
     else:
         adapted = to_ranked(records, shapes, where)
     if records and not adapted:
@@ -123,6 +129,15 @@ def to_labelled(records: list[PreferenceRecord], shapes: Counter, where: str) ->
     if shapes["pair"]:
         print(f"data: {where}: split {shapes['pair'] - ties} pairs into a desirable winner and an undesirable loser; "
               f"dropped {ties} kept ties, which carry no label")
+    return adapted
+
+
+def to_images(records: list[PreferenceRecord], shapes: Counter, where: str) -> list[PreferenceRecord]:
+    adapted = [PreferenceRecord(index=record.index, prompt=record.prompt, images=[image])
+               for record in records for image in record.images]
+    if shapes["pair"] or shapes["ranked"]:
+        print(f"data: {where}: split {shapes['pair']} pairs and {shapes['ranked']} ranked sets into single images "
+              f"(labels and scores are not used): {len(adapted)} image-caption records")
     return adapted
 
 

@@ -52,6 +52,7 @@ JSONL_KINDS = {  # the keys that make a metadata.jsonl line one kind of record
     "pair": ("prompt", "chosen_file_name", "rejected_file_name"),
     "labelled": ("prompt", "file_name", "label"),
     "ranked": ("prompt", "file_names", "scores"),
+    "caption": ("prompt", "file_name"),  # an image and its caption, no label (HF imagefolder metadata.jsonl)
 }
 
 EXPECTED_SOURCES = (
@@ -65,7 +66,7 @@ class Row(NamedTuple):
     """One source row before validation, whatever the schema."""
 
     index: int
-    kind: str  # pair | labelled | ranked
+    kind: str  # pair | labelled | ranked | caption
     prompt: Any
     cells: list[Any]  # image cells: bytes, {"bytes", "path"} dicts, PIL images or paths (None = missing)
     label: Any = 1  # pair: label_0 (1 = cells already winner first, 0 = loser first, 0.5 = tie); labelled: the label
@@ -120,6 +121,8 @@ def make_record(row: Row, cfg: DataConfig, report: SkipReport) -> PreferenceReco
             report.skip("unknown_label", index, f"label={label!r}, expected 1, 0, true or false", cfg.strict)
             return None
         labels = [float(label)]
+    elif row.kind == "caption":
+        pass  # a single image with no label or score (data kind "images", e.g. Self-NPO)
     else:
         if (scores := checked_scores(row.scores, len(cells), index, cfg, report)) is None:
             return None

@@ -4,7 +4,7 @@ Adding one is one module with a params dataclass, a loss function and a ``regist
 plus an import line here.
 """
 
-from diffalign.objectives import dpo, kto, mapo, npo, rank_dpo, sdpo, sft, smpo  # noqa: F401  (registers them)
+from diffalign.objectives import dpo, kto, mapo, npo, rank_dpo, sdpo, self_npo, sft, smpo  # noqa: F401  (registers them)
 from diffalign.objectives.base import (
     Objective,
     ObjectiveInputs,

@@ -49,10 +49,17 @@ class Objective:
     loss_fn: Callable[[ObjectiveInputs, object], ObjectiveOutput]
     needs_reference: bool = True
     images_per_record: int | None = 2  # None: every image of the record (rankings)
-    data_kind: str = "pair"  # pair | scored_pair | labelled | ranked: what each record must carry
+    data_kind: str = "pair"  # pair | scored_pair | labelled | ranked | images: what each record must carry
     needs_residuals: bool = False
     description: str = ""
     source: str = ""  # paper / repository, for the README table
+    # Objectives that are a procedure rather than a function of per-sample errors (Self-NPO: teacher sampling,
+    # re-noising, a loss in x0 space) supply the whole training step. When set, the trainer calls it instead of
+    # ``denoising_errors`` + ``loss_fn``, with keyword arguments family, components, model (the student, possibly
+    # DDP-wrapped), reference (the strategy from ``training.reference``: the teacher), latents (B, K, C, h, w),
+    # cond, empty_cond (the empty-prompt conditioning, batch of one), generator (CPU, seeded per micro-step),
+    # device and params; it returns an ``ObjectiveOutput``.
+    custom_step: Callable[..., ObjectiveOutput] | None = None
 
     def parse_params(self, raw: dict, prefix: str | None = None) -> object:
         prefix = prefix or f"objective.{self.name}"

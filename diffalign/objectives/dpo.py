@@ -105,5 +105,6 @@ register_objective(
         params_cls=DPOParams,
         loss_fn=dpo_objective,
         description="Diffusion-DPO (Wallace et al. 2023); variants sigmoid, hinge, ipo",
+        source="Wallace et al. 2023, arXiv 2311.12908; SalesforceAIResearch/DiffusionDPO",
     )
 )

@@ -32,5 +32,6 @@ register_objective(
         needs_reference=False,
         images_per_record=1,  # only the preferred image of each pair is used
         description="MSE on the preferred image only",
+        source="the SFT baseline of Wallace et al. 2023",
     )
 )

@@ -39,7 +39,7 @@ unet = UNet2DConditionModel.from_pretrained("{output_dir}/unet")
 pipe = DiffusionPipeline.from_pretrained("{base_path}", unet=unet)
 image = pipe("a photo of a cat").images[0]
 ```"""
-    if cfg.objective.name == "npo":
+    if cfg.objective.name in ("npo", "self_npo"):
         how_to_load += ("\n\nThis is a *negative* LoRA (NPO): it is meant for the unconditional branch of "
                         "classifier-free guidance, not to be sampled alone.")
     front_matter = yaml.safe_dump(

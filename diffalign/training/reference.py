@@ -67,8 +67,15 @@ class EmaReference(FrozenCopyReference):
     name = "ema"
 
     def __init__(self, denoiser, device, dtype, offload: bool, decay: float, every: int):
-        super().__init__(denoiser, device, dtype, offload)
-        self.decay, self.every = decay, every
+        # fp32 whatever the mixed precision: in bf16 a 0.999-decay update of slowly moving weights rounds away
+        super().__init__(denoiser, device, torch.float32, offload)
+        self.decay, self.every, self.compute_dtype = decay, every, dtype
+
+    @contextlib.contextmanager
+    def model_for_pass(self, policy):
+        autocast = torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32)
+        with super().model_for_pass(policy) as model, autocast:
+            yield model
 
     @torch.no_grad()
     def update(self, policy, step: int) -> None:

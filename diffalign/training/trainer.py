@@ -9,6 +9,7 @@ adapters disabled; the objective turns per-sample errors into a loss. LoRA or fu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -119,7 +120,10 @@ def train(cfg: Config) -> TrainResult:
             param.data = param.data.float()
     if cfg.train.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
-    reference = build_reference(resolve_reference(cfg), cfg.objective, cfg.lora.enabled, denoiser, device, weight_dtype)
+    # Self-NPO's EMA teacher takes its decay from objective.self_npo.ema_decay and moves after every optimizer step.
+    reference_cfg = (dataclasses.replace(cfg.objective, ema_decay=params.ema_decay, ema_update_every=1)
+                     if cfg.objective.name == "self_npo" else cfg.objective)
+    reference = build_reference(resolve_reference(cfg), reference_cfg, cfg.lora.enabled, denoiser, device, weight_dtype)
 
     # ---- data
     dataset, report = prepare_data(cfg, components, accelerator, objective)
@@ -129,7 +133,10 @@ def train(cfg: Config) -> TrainResult:
             f"{len(dataset)} records cannot fill one step of train.batch_size={cfg.train.batch_size} x "
             f"{accelerator.num_processes} processes; lower train.batch_size or add data"
         )
-    empty_cond = family.encode_prompts(components, [""]) if cfg.data.prompt_dropout > 0 else None
+    # The empty prompt: for prompt dropout, and for objectives with their own step (Self-NPO's guidance).
+    needs_empty = cfg.data.prompt_dropout > 0 or objective.custom_step is not None
+    empty_cond = family.encode_prompts(components, [""]) if needs_empty else None
+    dropout_cond = empty_cond if cfg.data.prompt_dropout > 0 else None
 
     # ---- optimization
     trainable = [p for p in denoiser.parameters() if p.requires_grad]
@@ -176,16 +183,21 @@ def train(cfg: Config) -> TrainResult:
         micro_step += 1
 
         with accelerator.accumulate(denoiser):
-            latents, cond = batch_tensors(batch, family, components, device, weight_dtype, empty_cond,
+            latents, cond = batch_tensors(batch, family, components, device, weight_dtype, dropout_cond,
                                           cfg.data.prompt_dropout, generator)
-            errors = denoising_errors(family, components, denoiser, latents, cond, generator, device, reference,
-                                      cfg.train.timesteps, with_residuals=objective.needs_residuals)
-            output = objective(ObjectiveInputs(
-                policy_err=errors.policy, ref_err=errors.reference, residuals=errors.residuals,
-                labels=batch["labels"].to(device) if "labels" in batch else None,
-                scores=batch["scores"].to(device) if "scores" in batch else None,
-                global_mean=lambda value: accelerator.reduce(value.detach().mean(), reduction="mean"),
-            ), params)
+            if objective.custom_step is not None:  # a procedure, not a function of per-sample errors (Self-NPO)
+                output = objective.custom_step(
+                    family=family, components=components, model=denoiser, reference=reference, latents=latents,
+                    cond=cond, empty_cond=empty_cond, generator=generator, device=device, params=params)
+            else:
+                errors = denoising_errors(family, components, denoiser, latents, cond, generator, device, reference,
+                                          cfg.train.timesteps, with_residuals=objective.needs_residuals)
+                output = objective(ObjectiveInputs(
+                    policy_err=errors.policy, ref_err=errors.reference, residuals=errors.residuals,
+                    labels=batch["labels"].to(device) if "labels" in batch else None,
+                    scores=batch["scores"].to(device) if "scores" in batch else None,
+                    global_mean=lambda value: accelerator.reduce(value.detach().mean(), reduction="mean"),
+                ), params)
             loss = output.loss
             # Every process must agree to skip, or DDP's gradient all-reduce would hang.
             finite = accelerator.reduce(torch.isfinite(loss).float().to(device), reduction="sum").item()
@@ -309,6 +321,9 @@ def tracker_or_none(accelerator, name):
 def flat_hparams(cfg: Config) -> dict:
     flat = {}
     for section, values in cfg.to_dict().items():
+        if not isinstance(values, dict):  # e.g. the segments list
+            flat[section] = str(values)
+            continue
         for key, value in values.items():
             flat[f"{section}.{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
     return flat

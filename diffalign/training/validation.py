@@ -9,7 +9,11 @@ from PIL import Image, ImageDraw
 
 
 def image_grid(images: list[Image.Image], columns: int, labels: list[str] | None = None) -> Image.Image:
-    """Tile equally sized images in rows of ``columns``, with an optional caption strip above each row."""
+    """Tile equally sized images in rows of ``columns``, with an optional caption strip above each row.
+    Images under 128 px (tiny models) are enlarged so the grid is readable."""
+    if images[0].width < 128:
+        factor = -(-128 // images[0].width)
+        images = [im.resize((im.width * factor, im.height * factor), Image.NEAREST) for im in images]
     width, height = images[0].size
     rows = (len(images) + columns - 1) // columns
     label_height = 14 if labels else 0
@@ -47,9 +51,6 @@ def render_validation(components, denoiser, log_cfg, device, path: Path) -> Imag
                 images.append(result.images[0])
     finally:
         denoiser.train(was_training)
-    if images[0].width < 128:  # tiny models: enlarge so the grid is readable
-        factor = -(-128 // images[0].width)
-        images = [im.resize((im.width * factor, im.height * factor), Image.NEAREST) for im in images]
     grid = image_grid(images, columns=len(log_cfg.validation_seeds), labels=list(log_cfg.validation_prompts))
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)

@@ -1,0 +1,94 @@
+"""``diffalign sample``: images for a set of prompts, with any guidance mode, plus a samples.jsonl record.
+
+Image j of prompt i is drawn with seed ``seed + i * num_images + j``, so two setups sampled with the same
+prompts and seed are compared image by image (the win-rate protocol).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets" / "prompts"
+
+
+def prompt_sets() -> list[str]:
+    return sorted(path.stem for path in ASSETS.glob("*.txt"))
+
+
+def read_prompts(prompt: str | None = None, prompts_file: str | None = None, prompt_set: str | None = None) -> list[str]:
+    """Prompts from a string, a file (one per line, or jsonl with a "prompt" key) or a shipped set name."""
+    if sum(x is not None for x in (prompt, prompts_file, prompt_set)) != 1:
+        raise ValueError("give exactly one of --prompt, --prompts FILE or --prompt-set NAME")
+    if prompt is not None:
+        return [prompt]
+    if prompt_set is not None:
+        path = ASSETS / f"{prompt_set}.txt"
+        if not path.is_file():
+            raise ValueError(f"unknown prompt set '{prompt_set}'; shipped sets: {', '.join(prompt_sets())}")
+    else:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts file {path} not found")
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if path.suffix == ".jsonl":
+        lines = [json.loads(line)["prompt"] for line in lines]
+    if not lines:
+        raise ValueError(f"{path} holds no prompts")
+    return lines
+
+
+@dataclass
+class SampleSettings:
+    num_images: int = 1  # per prompt
+    seed: int = 0
+    steps: int = 25
+    guidance_scale: float = 7.5
+    negative_prompt: str | None = None
+    height: int | None = None
+    width: int | None = None
+    batch_size: int = 4
+
+
+def sample_to_folder(pipe, prompts: list[str], settings: SampleSettings, out_dir: str | Path,
+                     setup: dict | None = None) -> Path:
+    """Write one PNG per image, ``samples.jsonl`` (prompt, seed, settings per image) and ``grid.png``."""
+    from diffalign.training.validation import image_grid
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jobs = [(i, j, prompt, settings.seed + i * settings.num_images + j)
+            for i, prompt in enumerate(prompts) for j in range(settings.num_images)]
+    records, grid_images = [], []
+    pipe.set_progress_bar_config(disable=True)
+    with open(out_dir / "samples.jsonl", "w") as log, tqdm(total=len(jobs), desc="sampling", disable=None) as bar:
+        for start in range(0, len(jobs), settings.batch_size):
+            batch = jobs[start : start + settings.batch_size]
+            images = pipe(
+                [prompt for _, _, prompt, _ in batch],
+                negative_prompt=[settings.negative_prompt] * len(batch) if settings.negative_prompt else None,
+                num_inference_steps=settings.steps,
+                guidance_scale=settings.guidance_scale,
+                height=settings.height,
+                width=settings.width,
+                generator=[torch.Generator(device="cpu").manual_seed(seed) for *_, seed in batch],
+            ).images
+            for (i, j, prompt, seed), image in zip(batch, images):
+                file_name = f"{i:04d}_{j:02d}.png"
+                image.save(out_dir / file_name)
+                settings_fields = {k: v for k, v in asdict(settings).items() if k not in ("seed", "batch_size")}
+                record = {"file_name": file_name, "prompt": prompt, "seed": seed, "prompt_index": i,
+                          "image_index": j, **settings_fields, **(setup or {})}
+                log.write(json.dumps(record) + "\n")
+                records.append(record)
+                if i < 16:
+                    grid_images.append(image)
+            bar.update(len(batch))
+    if grid_images:
+        rows = min(len(prompts), 16)
+        image_grid(grid_images, columns=settings.num_images, labels=prompts[:rows]).save(out_dir / "grid.png")
+    return out_dir / "samples.jsonl"

@@ -1,0 +1,384 @@
+"""Self-NPO: the pure functions against their formulas, the teacher's DDIM chain, caption data, and training."""
+
+import contextlib
+import json
+import math
+
+import pytest
+import torch
+from conftest import ROOT, tiny_overrides
+from PIL import Image
+
+from diffalign.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    LoraConfig,
+    ModelConfig,
+    ObjectiveConfig,
+    load_config,
+    resolve_reference,
+)
+from diffalign.data import DATA_KINDS, DataError, PreferenceRecord, adapt_records, read_preferences
+from diffalign.objectives import get_objective
+from diffalign.objectives.self_npo import (
+    SelfNPOParams,
+    ddim_step,
+    guided_eps,
+    pseudo_huber,
+    renoise_variance_exploding,
+    x0_from_eps,
+)
+from diffalign.training.self_npo import ddim_grid, self_npo_step, teacher_targets
+
+F64 = torch.float64
+
+
+def schedule(t: int):
+    """alpha_t, sigma_t of the SD1.5 schedule, as (1, 1, 1, 1) tensors."""
+    from diffusers import DDPMScheduler
+
+    from diffalign.tiny import sd15_scheduler_config
+
+    alphas_cumprod = DDPMScheduler.from_config(sd15_scheduler_config()).alphas_cumprod.to(F64)
+    a = alphas_cumprod[t]
+    return a.sqrt().view(1, 1, 1, 1), (1 - a).sqrt().view(1, 1, 1, 1)
+
+
+# ---------------------------------------------------------------------------------------------- pure functions
+def test_pseudo_huber_matches_formula_and_limits():
+    pred = torch.tensor([[0.5, -2.0], [0.0, 3.0]], dtype=F64)
+    target = torch.tensor([[0.0, 1.0], [0.25, -1.0]], dtype=F64)
+    c = 0.3
+    d = pred - target
+    assert pseudo_huber(pred, target, c).item() == pytest.approx((torch.sqrt(d**2 + c**2) - c).mean().item())
+    # c -> 0: the mean absolute error; small residuals: quadratic, d^2 / 2c
+    assert pseudo_huber(pred, target, 1e-6).item() == pytest.approx(d.abs().mean().item(), abs=1e-5)
+    tiny = torch.full((4,), 1e-4, dtype=F64)
+    assert pseudo_huber(tiny, torch.zeros(4, dtype=F64), 0.1).item() == pytest.approx(1e-8 / 0.2, rel=1e-3)
+    assert pseudo_huber(target, target, 0.001).item() == 0.0
+
+
+def test_ddim_step_reproduces_the_previous_point_with_the_true_noise():
+    generator = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 4, 3, 3, generator=generator, dtype=F64), torch.randn(2, 4, 3, 3, generator=generator, dtype=F64)
+    (a_t, s_t), (a_p, s_p) = schedule(799), schedule(599)
+    x_t = a_t * x0 + s_t * eps
+    torch.testing.assert_close(x0_from_eps(x_t, eps, a_t, s_t), x0)
+    torch.testing.assert_close(ddim_step(x_t, eps, a_t, s_t, a_p, s_p), a_p * x0 + s_p * eps)
+
+
+def test_guided_eps():
+    cond, uncond = torch.tensor([1.0, 2.0]), torch.tensor([0.5, -1.0])
+    torch.testing.assert_close(guided_eps(cond, uncond, -1.0), uncond)
+    torch.testing.assert_close(guided_eps(cond, uncond, 0.0), cond)
+    torch.testing.assert_close(guided_eps(cond, uncond, -5.0), cond - 5.0 * (cond - uncond))
+    torch.testing.assert_close(guided_eps(cond, uncond, 6.5), uncond + 7.5 * (cond - uncond))  # CFG scale 7.5
+
+
+def test_variance_exploding_renoise_formula_and_marginal():
+    (a_e, s_e), (a_t, s_t) = schedule(200), schedule(700)
+    x_prev = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
+    zero = torch.zeros_like(x_prev)
+    torch.testing.assert_close(renoise_variance_exploding(x_prev, a_e, s_e, a_t, s_t, zero), x_prev * a_t / a_e)
+    z = torch.randn_like(x_prev)
+    nsr_e, nsr_t = s_e / a_e, s_t / a_t
+    expected = (x_prev / a_e + torch.sqrt(nsr_t**2 - nsr_e**2) * z) * a_t
+    torch.testing.assert_close(renoise_variance_exploding(x_prev, a_e, s_e, a_t, s_t, z), expected)
+    # From a sample of q(x_e | x0), the result is a sample of q(x_t | x0): mean alpha_t x0, variance sigma_t^2.
+    generator = torch.Generator().manual_seed(2)
+    x0 = torch.full((200_000, 1, 1, 1), 0.7, dtype=F64)
+    x_e = a_e * x0 + s_e * torch.randn(x0.shape, generator=generator, dtype=F64)
+    x_t = renoise_variance_exploding(x_e, a_e, s_e, a_t, s_t, torch.randn(x0.shape, generator=generator, dtype=F64))
+    assert x_t.mean().item() == pytest.approx((a_t * 0.7).item(), abs=0.01)
+    assert x_t.var().item() == pytest.approx((s_t**2).item(), rel=0.01)
+
+
+def test_params_defaults_validation_and_registration():
+    objective = get_objective("self_npo")
+    params = objective.parse_params({})
+    assert (params.guidance_weight, params.grid_steps, params.teacher_steps, params.huber_c, params.ema_decay) == \
+        (-1.0, 25, 5, 0.001, 0.999)
+    assert objective.custom_step is not None and objective.needs_reference
+    assert (objective.images_per_record, objective.data_kind) == (1, "images")
+    for bad, match in (({"teacher_steps": 0}, "teacher_steps"), ({"huber_c": 0.0}, "huber_c"),
+                       ({"ema_decay": 1.0}, "ema_decay"), ({"grid_steps": 0}, "grid_steps"),
+                       ({"guidance": -1}, "Did you mean 'guidance_weight'")):
+        with pytest.raises(ConfigError, match=match):
+            objective.parse_params(bad)
+    with pytest.raises(ValueError, match="custom_step"):
+        objective.loss_fn(None, params)
+
+
+def test_reference_resolves_to_ema_and_none_is_refused():
+    for lora in (True, False):
+        cfg = Config(objective=ObjectiveConfig(name="self_npo"), lora=LoraConfig(enabled=lora))
+        assert resolve_reference(cfg) == "ema"
+    cfg = Config(objective=ObjectiveConfig(name="self_npo", reference="none"))
+    with pytest.raises(ConfigError, match="needs a reference"):
+        resolve_reference(cfg)
+    assert resolve_reference(Config()) == "lora_disabled"  # other objectives unchanged
+
+
+# ---------------------------------------------------------------------------------------------- the step, on a toy
+class ToyFamily:
+    """predict(model, x, t, cond) = model(x, t, cond): lets a test see every call."""
+
+    def predict(self, model, x_t, timesteps, cond):
+        return model(x_t, timesteps, cond)
+
+
+class ToyComponents:
+    def __init__(self, prediction_type="epsilon"):
+        from diffusers import DDPMScheduler
+
+        from diffalign.tiny import sd15_scheduler_config
+
+        self.noise_scheduler = DDPMScheduler.from_config({**sd15_scheduler_config(), "prediction_type": prediction_type})
+
+
+class Recorder(torch.nn.Module):
+    """A denoiser that records (t, cond) of every call; its eps is an oracle for x0 (or a constant)."""
+
+    def __init__(self, x0=None):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(1.0))
+        self.calls, self.x0 = [], x0
+        alphas_cumprod = ToyComponents().noise_scheduler.alphas_cumprod
+        self.alpha, self.sigma = alphas_cumprod.sqrt(), (1 - alphas_cumprod).sqrt()
+
+    def forward(self, x, t, cond):
+        self.calls.append((t.clone(), cond["c"][:, 0, 0].clone()))
+        if self.x0 is None:
+            return self.scale * 0.1 * x
+        x0 = self.x0.repeat(len(x) // len(self.x0), 1, 1, 1)
+        a, s = self.alpha[t].view(-1, 1, 1, 1), self.sigma[t].view(-1, 1, 1, 1)
+        return self.scale * (x - a * x0) / s
+
+
+class Teacher:
+    """A reference strategy whose pass is ``model`` itself."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @contextlib.contextmanager
+    def model_for_pass(self, policy):
+        yield self.model
+
+
+def toy_inputs(batch=16):
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(batch, 1, 4, 2, 2, generator=generator)
+    cond, empty = {"c": torch.ones(batch, 3, 2)}, {"c": -torch.ones(1, 3, 2)}
+    return latents, cond, empty
+
+
+def test_teacher_runs_ddim_on_the_grid_down_to_t_e_and_predicts_x0_there():
+    latents, cond, empty = toy_inputs(64)
+    teacher = Recorder()
+    params = SelfNPOParams()
+    uncond = {"c": empty["c"].expand(64, 3, 2)}
+    out = teacher_targets(ToyFamily(), ToyComponents(), teacher, latents[:, 0], cond, uncond,
+                          torch.Generator().manual_seed(3), "cpu", params)
+    grid, stride = ddim_grid(1000, 25)
+    assert stride == 40 and grid[0] == 39 and grid[-1] == 999
+    assert set(out.t_start.tolist()) <= set(grid.tolist()) and len(set(out.t_start.tolist())) > 5
+    torch.testing.assert_close(out.t_end, torch.clamp(out.t_start - 200, min=0))
+    assert (out.t_start < 200).any() and (out.t_start >= 200).any()  # both cases are exercised
+    # 5 DDIM steps then the x0 prediction at t_e; with w = -1 only the empty prompt is evaluated
+    assert len(teacher.calls) == 6
+    for step, (t, c) in enumerate(teacher.calls):
+        torch.testing.assert_close(t, torch.clamp(out.t_start - stride * step, min=0))
+        assert (c == -1).all()
+    assert torch.isfinite(out.target).all() and torch.isfinite(out.x_prev).all()
+
+
+def test_guidance_weight_other_than_minus_one_batches_cond_and_uncond():
+    latents, cond, empty = toy_inputs(4)
+    teacher = Recorder()
+    uncond = {"c": empty["c"].expand(4, 3, 2)}
+    teacher_targets(ToyFamily(), ToyComponents(), teacher, latents[:, 0], cond, uncond,
+                    torch.Generator().manual_seed(0), "cpu", SelfNPOParams(guidance_weight=-5.0, teacher_steps=2))
+    assert len(teacher.calls) == 3
+    assert all(c.tolist() == [1.0] * 4 + [-1.0] * 4 for _, c in teacher.calls)
+
+
+def test_an_oracle_teacher_stays_on_the_data_so_its_target_is_x0():
+    latents, cond, empty = toy_inputs(32)
+    x0 = latents[:, 0].double()
+    teacher = Recorder(x0).double()
+    uncond = {"c": empty["c"].expand(32, 3, 2)}
+    for w in (-1.0, -5.0):
+        out = teacher_targets(ToyFamily(), ToyComponents(), teacher, x0, cond, uncond,
+                              torch.Generator().manual_seed(4), "cpu", SelfNPOParams(guidance_weight=w))
+        torch.testing.assert_close(out.target, x0.float(), atol=2e-4, rtol=1e-4)
+
+
+def test_step_draws_everything_from_the_generator_and_samples_t_student_above_t_e():
+    latents, cond, empty = toy_inputs(256)
+    family, components = ToyFamily(), ToyComponents()
+
+    def run(seed):
+        student, teacher = Recorder(), Recorder()
+        out = self_npo_step(family=family, components=components, model=student, reference=Teacher(teacher),
+                            latents=latents, cond=cond, empty_cond=empty, generator=torch.Generator().manual_seed(seed),
+                            device="cpu", params=SelfNPOParams())
+        return out, student, teacher
+
+    out, student, teacher = run(0)
+    again, _, _ = run(0)
+    other, _, _ = run(1)
+    assert out.loss.item() == again.loss.item() and out.loss.item() != other.loss.item()
+    assert out.loss.requires_grad and set(out.metrics) >= {"loss", "t_start", "t_end", "t_student"}
+    (t_student, c), = student.calls  # one student call, with the caption
+    assert (c == 1).all()
+    t_end = teacher.calls[-1][0]
+    assert (t_student > t_end).all() and (t_student <= 999).all()
+    assert t_student.float().mean().item() == pytest.approx(out.metrics["t_student"].item())
+    assert out.metrics["t_end"].item() == pytest.approx(t_end.float().mean().item())
+    # roughly uniform on (t_e, 999]: the mean of (t' - t_e) / (999 - t_e) is about 1/2
+    assert ((t_student - t_end).float() / (999 - t_end).float()).mean().item() == pytest.approx(0.5, abs=0.06)
+    out.loss.backward()
+    assert student.scale.grad is not None and teacher.scale.grad is None
+
+
+def test_only_epsilon_prediction_is_supported():
+    latents, cond, empty = toy_inputs(2)
+    with pytest.raises(ValueError, match="epsilon-prediction.*v_prediction"):
+        self_npo_step(family=ToyFamily(), components=ToyComponents("v_prediction"), model=Recorder(),
+                      reference=Teacher(Recorder()), latents=latents, cond=cond, empty_cond=empty,
+                      generator=torch.Generator(), device="cpu", params=SelfNPOParams())
+
+
+# ---------------------------------------------------------------------------------------------- data
+def caption_folder(tmp_path, entries):
+    folder = tmp_path / "captions"
+    folder.mkdir()
+    for name, colour in (("red.png", (255, 0, 0)), ("blue.png", (0, 0, 255))):
+        Image.new("RGB", (16, 16), colour).save(folder / name)
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in entries))
+    return folder
+
+
+def test_caption_jsonl_gives_unlabelled_single_images(tmp_path):
+    folder = caption_folder(tmp_path, [
+        {"prompt": "a red square", "file_name": "red.png"},
+        {"prompt": "a blue square", "file_name": "blue.png", "label": 1},  # a caption file: the label is ignored
+        {"prompt": "", "file_name": "red.png"},
+        {"prompt": "x", "file_name": "nope.png"},
+        {"prompt": "a pair", "chosen_file_name": "red.png", "rejected_file_name": "blue.png"},
+    ])
+    records, report = read_preferences(DataConfig(), str(folder))
+    assert [(r.index, r.prompt, r.images, r.labels, r.scores) for r in records] == [
+        (0, "a red square", [folder / "red.png"], None, None), (1, "a blue square", [folder / "blue.png"], None, None)]
+    assert report.skipped == {"empty_prompt": 1, "missing_image": 1, "missing_field": 1}
+    assert adapt_records(records, "images", str(folder)) == records
+    with pytest.raises(DataError, match="single image without a label"):
+        adapt_records(records, "labelled", str(folder))
+
+
+def test_labelled_file_still_reports_a_missing_label(tmp_path):
+    folder = caption_folder(tmp_path, [{"prompt": "a", "file_name": "red.png", "label": 1},
+                                       {"prompt": "b", "file_name": "blue.png"}])
+    records, report = read_preferences(DataConfig(), str(folder))
+    assert [r.labels for r in records] == [[1.0]]
+    assert "lacks ['label']" in report.examples["missing_field"][0]
+
+
+def test_images_kind_splits_every_record_into_single_images():
+    assert "images" in DATA_KINDS
+    records = [
+        PreferenceRecord(0, "pair", [b"w", b"l"]),
+        PreferenceRecord(1, "tie", [b"a", b"b"], tie=True),
+        PreferenceRecord(2, "ranked", [b"x", b"y", b"z"], scores=[1.0, 3.0, 2.0]),
+        PreferenceRecord(3, "single", [b"s"], labels=[0.0]),
+    ]
+    adapted = adapt_records(records, "images", "src")
+    assert [(r.index, r.prompt, r.images) for r in adapted] == [
+        (0, "pair", [b"w"]), (0, "pair", [b"l"]), (1, "tie", [b"a"]), (1, "tie", [b"b"]),
+        (2, "ranked", [b"x"]), (2, "ranked", [b"y"]), (2, "ranked", [b"z"]), (3, "single", [b"s"])]
+    assert all(r.labels is None and r.scores is None and not r.tie for r in adapted)
+
+
+def test_tiny_captions_spec():
+    from diffalign.tiny import resolve_data_spec
+
+    records, report = read_preferences(DataConfig(), resolve_data_spec("tiny:captions"))
+    assert len(records) == 128 and report.total_skipped == 0
+    assert all(len(r.images) == 1 and r.labels is None for r in records)
+    assert {r.prompt.split()[1] for r in records} == {"red", "blue"}
+
+
+# ---------------------------------------------------------------------------------------------- tiny model
+def test_self_npo_lowers_its_loss_on_a_fixed_batch_of_the_tiny_model():
+    from diffalign.data.records import open_image
+    from diffalign.families import load_components
+    from diffalign.tiny import resolve_data_spec
+    from diffalign.training.lora import attach_lora
+    from diffalign.training.reference import build_reference
+
+    components = load_components(ModelConfig())
+    family, denoiser = components.family, components.denoiser
+    records, _ = read_preferences(DataConfig(), resolve_data_spec("tiny:captions"))
+    records = records[:4]
+    pixels = torch.stack([family.preprocess_image(open_image(r.images[0]), 32) for r in records])
+    latents = family.encode_images(components, pixels).view(4, 1, 4, 8, 8)
+    cond = family.encode_prompts(components, [r.prompt for r in records])
+    empty = family.encode_prompts(components, [""])
+    attach_lora(denoiser, LoraConfig(), family.default_lora_targets)
+    params = SelfNPOParams()
+    reference = build_reference("ema", ObjectiveConfig(ema_decay=params.ema_decay, ema_update_every=1), True,
+                                denoiser, "cpu", torch.float32)
+    optimizer = torch.optim.AdamW([p for p in denoiser.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for step in range(4):
+        generator = torch.Generator().manual_seed(0)  # same t_s, noise, t' and z every step: a fixed batch
+        out = self_npo_step(family=family, components=components, model=denoiser, reference=reference,
+                            latents=latents, cond=cond, empty_cond=empty, generator=generator, device="cpu",
+                            params=params)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        reference.update(denoiser, step + 1)
+        losses.append(out.loss.item())
+    assert all(math.isfinite(loss) for loss in losses)
+    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.98 * losses[0], losses
+    assert any(shadow.abs().sum() > 0 for name, shadow in reference.shadow.items() if "lora_B" in name)  # EMA moved
+
+
+def test_train_tiny_config_writes_a_lora_that_stock_diffusers_loads(tmp_path, tiny_model_path, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    from diffalign.training import trainer
+
+    seen = {}
+    build = trainer.build_reference
+
+    def spy(strategy, objective_cfg, *args):
+        seen.update(strategy=strategy, decay=objective_cfg.ema_decay, every=objective_cfg.ema_update_every)
+        return build(strategy, objective_cfg, *args)
+
+    monkeypatch.setattr(trainer, "build_reference", spy)
+    cfg = load_config(ROOT / "configs/tiny_self_npo.yaml",
+                      tiny_overrides(tmp_path / "run", **{"train.max_steps": 3, "objective.self_npo.ema_decay": 0.9}))
+    result = trainer.train(cfg)
+    assert seen == {"strategy": "ema", "decay": 0.9, "every": 1}
+    assert result.global_step == 3 and result.skipped_steps == 0
+    assert {"loss", "t_start", "t_end", "t_student"} <= set(result.metrics)
+    assert result.metrics["t_start"] - 200 <= result.metrics["t_end"] <= result.metrics["t_start"]
+    run = result.output_dir
+    assert (run / "pytorch_lora_weights.safetensors").is_file()
+    assert "| reference | ema |" in (run / "README.md").read_text()
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_path, safety_checker=None)
+    pipe.load_lora_weights(str(run))
+    torch.manual_seed(0)
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10, 700]), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        reloaded = pipe.unet(x, t, encoder_hidden_states=ctx).sample
+        trained = result.denoiser.float()(x, t, encoder_hidden_states=ctx).sample
+        pipe.unet.disable_lora()
+        base = pipe.unet(x, t, encoder_hidden_states=ctx).sample
+    torch.testing.assert_close(reloaded, trained, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(base, trained, atol=1e-5)
