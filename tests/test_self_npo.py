@@ -382,3 +382,12 @@ def test_train_tiny_config_writes_a_lora_that_stock_diffusers_loads(tmp_path, ti
         base = pipe.unet(x, t, encoder_hidden_states=ctx).sample
     torch.testing.assert_close(reloaded, trained, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(base, trained, atol=1e-5)
+
+    # and it is accepted as the negative LoRA of NPO guidance, where it drives the negative branch
+    from diffalign.guidance import load_pipeline
+
+    guided = load_pipeline(tiny_model_path, npo=str(run))
+    guided.set_progress_bar_config(disable=True)
+    guided("a square", num_inference_steps=2, guidance_scale=3.0, output_type="latent")
+    assert {(branch, tuple(adapters)) for _, branch, adapters in guided.adapter_router.trace} == {
+        ("negative", ("npo",)), ("conditional", ())}
