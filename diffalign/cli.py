@@ -11,6 +11,7 @@ MAIN_EXAMPLES = """examples:
   diffalign tiny model /tmp/tiny-sd15 --family sd15         # a tiny random-weight diffusers checkpoint
   diffalign tiny data /tmp/tiny-pairs                       # a small synthetic preference set (parquet + jsonl)
   diffalign sample --prompt-set shapes --lora runs/tiny_dpo --npo runs/tiny_npo   # NPO-guided sampling
+  diffalign score --images samples/npo --reward clip --out scores.csv             # reward models
   diffalign export runs/tiny_dpo --format kohya             # LoRA for ComfyUI / A1111
 """
 
@@ -27,6 +28,8 @@ The run folder gets config.yaml, pytorch_lora_weights.safetensors, README.md, sa
 TINY_EXAMPLES = """examples:
   diffalign tiny model /tmp/tiny-sd15 --family sd15 --seed 0
   diffalign tiny data /tmp/tiny-pairs --num-pairs 64
+  diffalign tiny reward /tmp/tiny-hps --reward hpsv21
+  diffalign tiny lora /tmp/tiny-lora --base tiny:sd15
 Configs can name them without building by hand: model.pretrained=tiny:sd15, data.source=tiny:pairs.
 """
 
@@ -36,8 +39,19 @@ SAMPLE_EXAMPLES = """examples:
   diffalign sample --model tiny:sd15 --prompts prompts.txt --segments runs/tiny_dpo_segments/segments.yaml
   diffalign sample --model stable-diffusion-v1-5/stable-diffusion-v1-5 --prompt-set everyday \\
       --npo runs/sd15_npo --scheduler dpm --steps 25 --guidance 7.5
-Writes one PNG per image, samples.jsonl (prompt, seed and settings of each image) and grid.png.
+Writes one PNG per image, samples.jsonl (prompt, seed and settings of each image) and overview/grid.png.
 Image j of prompt i uses seed SEED + i * NUM_IMAGES + j, so setups sampled with one seed compare image by image.
+"""
+
+SCORE_EXAMPLES = """examples:
+  diffalign score --images samples/dpo --reward clip --out scores.csv            # folder from diffalign sample
+  diffalign score --images 'photos/*.jpg' --prompts prompts.jsonl --reward hpsv21,pickscore --out scores.jsonl
+  diffalign score --images samples/dpo --reward hpsv21 --weights /models/HPS_v2.1_compressed.pt --device cuda
+  diffalign score --images samples/dpo --reward clip,aesthetic --weights clip=/m/clip --weights aesthetic=/m/aes
+Prompts: --prompts FILE (one per line, matched to the sorted images; or jsonl with file_name, prompt), else the
+folder's samples.jsonl. Unreadable images and missing prompts become rows with an error; the exit code is
+non-zero only when nothing could be scored. With several rewards an ensemble_z column (mean per-prompt z-score)
+is added.
 """
 
 EXPORT_EXAMPLES = """examples:
@@ -73,6 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     tiny_data.add_argument("dir")
     tiny_data.add_argument("--num-pairs", type=int, default=64)
     tiny_data.add_argument("--seed", type=int, default=0)
+    tiny_reward = tiny_commands.add_parser("reward", help="a tiny random-weight reward model in its real format",
+                                           epilog=TINY_EXAMPLES, formatter_class=formatter)
+    tiny_reward.add_argument("dir")
+    tiny_reward.add_argument("--reward", required=True, help="clip, hpsv2, hpsv21, pickscore or aesthetic")
+    tiny_reward.add_argument("--seed", type=int, default=0)
+    tiny_lora = tiny_commands.add_parser("lora", help="a random LoRA for a tiny base", epilog=TINY_EXAMPLES,
+                                         formatter_class=formatter)
+    tiny_lora.add_argument("dir")
+    tiny_lora.add_argument("--base", default="tiny:sd15")
+    tiny_lora.add_argument("--seed", type=int, default=0)
 
     sample = commands.add_parser("sample", help="generate images, with LoRA, NPO guidance or timestep segments",
                                  description="Generate images for prompts with any guidance mode.",
@@ -100,6 +124,19 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--batch-size", type=int, default=4)
     sample.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     sample.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
+
+    score = commands.add_parser("score", help="rate images with reward models (CLIP, HPSv2, PickScore, aesthetic)",
+                                description="Score images against their prompts.", epilog=SCORE_EXAMPLES,
+                                formatter_class=formatter)
+    score.add_argument("--images", required=True, help="folder or glob of images")
+    score.add_argument("--prompts", default=None, help="txt (one per line) or jsonl with file_name + prompt")
+    score.add_argument("--reward", default="clip", help="comma-separated reward names")
+    score.add_argument("--weights", action="append", default=[],
+                       help="local weights: PATH (one reward) or NAME=PATH; repeat for several. No network is used")
+    score.add_argument("--ensemble-weights", default=None, help="NAME=W,... for the ensemble_z column")
+    score.add_argument("--batch-size", type=int, default=16)
+    score.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    score.add_argument("--out", default="scores.csv", help="scores.csv or scores.jsonl")
 
     export = commands.add_parser("export", help="convert a trained LoRA to another format",
                                  description="Write a run's LoRA in another key format.", epilog=EXPORT_EXAMPLES,
@@ -137,9 +174,17 @@ def run_tiny(args) -> int:
     if args.tiny_command == "model":
         path = tiny.build_tiny_model(args.dir, family=args.family, seed=args.seed)
         print(f"tiny {args.family} model written to {path}; load it with DiffusionPipeline.from_pretrained('{path}')")
-    else:
+    elif args.tiny_command == "data":
         path = tiny.build_tiny_pairs(args.dir, num_pairs=args.num_pairs, seed=args.seed)
         print(f"tiny preference data written to {path}/pairs.parquet (Pick-a-Pic schema) and {path}/jsonl/")
+    elif args.tiny_command == "lora":
+        path = tiny.build_tiny_lora(args.dir, base=args.base, seed=args.seed)
+        print(f"random LoRA for {args.base} written to {path}")
+    else:
+        from diffalign.rewards.tiny import build_tiny_reward
+
+        path = build_tiny_reward(args.dir, args.reward, seed=args.seed)
+        print(f"tiny {args.reward} reward written to {path}; use it with --reward {args.reward} --weights {path}")
     return 0
 
 
@@ -165,7 +210,47 @@ def run_sample(args) -> int:
              "scheduler": args.scheduler or type(pipe.scheduler).__name__}
     log = sample_to_folder(pipe, prompts, settings, args.out, setup)
     print(f"{len(prompts) * args.num_images} images in {args.out}; per-image settings in {log}; "
-          f"overview in {log.parent / 'grid.png'}")
+          f"overview in {log.parent / 'overview' / 'grid.png'}")
+    return 0
+
+
+def parse_named(values: list[str], names: list[str], what: str) -> dict[str, str]:
+    """``PATH`` (only with one name) or ``NAME=PATH`` entries -> {name: value}."""
+    mapping = {}
+    for value in values:
+        name, sep, rest = value.partition("=")
+        if sep and name in names:
+            mapping[name] = rest
+        elif len(names) == 1:
+            mapping[names[0]] = value
+        else:
+            raise ValueError(f"{what} '{value}': with several rewards use NAME=PATH, NAME one of {names}")
+    return mapping
+
+
+def run_score(args) -> int:
+    import torch
+
+    from diffalign.rewards import build_reward
+    from diffalign.rewards.scoring import add_ensemble, collect_rows, score_rows, summary, write_rows
+
+    names = [name.strip() for name in args.reward.split(",") if name.strip()]
+    weights = parse_named(args.weights, names, "--weights")
+    ensemble_weights = {k: float(v) for k, v in parse_named((args.ensemble_weights or "").split(",") if
+                                                            args.ensemble_weights else [], names, "--ensemble-weights").items()}
+    rows = collect_rows(args.images, args.prompts)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rewards = {name: build_reward(name, weights=weights.get(name), device=device) for name in names}
+    score_rows(rows, rewards, args.batch_size)
+    add_ensemble(rows, names, ensemble_weights or None)
+    columns = names + (["ensemble_z"] if any("ensemble_z" in row.scores for row in rows) else [])
+    out = write_rows(rows, columns, args.out)
+    print(summary(rows, columns))
+    print(f"scores written to {out}")
+    scored = sum(row.error is None for row in rows)
+    if scored == 0:
+        print("diffalign score: error: nothing could be scored; see the error column", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -185,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    handlers = {"train": run_train, "tiny": run_tiny, "sample": run_sample, "export": run_export}
+    handlers = {"train": run_train, "tiny": run_tiny, "sample": run_sample, "score": run_score, "export": run_export}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as error:

@@ -39,7 +39,7 @@ def test_sample_command_writes_images_log_and_grid(tmp_path, tiny_model_path):
     assert [r["seed"] for r in records] == list(range(10, 16))
     assert records[3]["prompt"] == "a circle on a grey background" and records[3]["npo"] == str(npo)
     assert records[0]["steps"] == 3 and records[0]["negative_prompt"] == "blue"
-    assert Image.open(out / "grid.png").size[0] >= 256
+    assert Image.open(out / "overview" / "grid.png").size[0] >= 256
     # image 1 of prompt 1 (seed 13) is reproduced by a single call with that seed: batching does not matter
     pipe = load_pipeline(tiny_model_path, lora=str(lora), npo=str(npo), scheduler="ddim")
     pipe.set_progress_bar_config(disable=True)

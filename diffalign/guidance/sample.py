@@ -56,7 +56,8 @@ class SampleSettings:
 
 def sample_to_folder(pipe, prompts: list[str], settings: SampleSettings, out_dir: str | Path,
                      setup: dict | None = None) -> Path:
-    """Write one PNG per image, ``samples.jsonl`` (prompt, seed, settings per image) and ``grid.png``."""
+    """Write one PNG per image, ``samples.jsonl`` (prompt, seed, settings per image) and ``overview/grid.png``
+    (in a subfolder, so that scoring the folder sees only the samples)."""
     from diffalign.training.validation import image_grid
 
     out_dir = Path(out_dir)
@@ -90,5 +91,6 @@ def sample_to_folder(pipe, prompts: list[str], settings: SampleSettings, out_dir
             bar.update(len(batch))
     if grid_images:
         rows = min(len(prompts), 16)
-        image_grid(grid_images, columns=settings.num_images, labels=prompts[:rows]).save(out_dir / "grid.png")
+        (out_dir / "overview").mkdir(exist_ok=True)
+        image_grid(grid_images, columns=settings.num_images, labels=prompts[:rows]).save(out_dir / "overview" / "grid.png")
     return out_dir / "samples.jsonl"
