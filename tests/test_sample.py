@@ -52,3 +52,21 @@ def test_sample_command_writes_images_log_and_grid(tmp_path, tiny_model_path):
 def test_sample_errors_are_one_line(tmp_path, tiny_model_path, capsys):
     assert main(["sample", "--model", tiny_model_path, "--prompt", "x", "--lora", str(tmp_path / "none")]) == 2
     assert "no LoRA at" in capsys.readouterr().err
+
+
+def test_sample_command_reads_a_segments_file(tmp_path, tiny_model_path):
+    from diffalign.guidance import Segment, write_segments
+    from diffalign.tiny import build_tiny_lora
+
+    early, late = build_tiny_lora(tmp_path / "early", seed=3), build_tiny_lora(tmp_path / "late", seed=4)
+    segments = write_segments(tmp_path / "segments.yaml", [Segment(str(early), (500, 1000)), Segment(str(late), (0, 500))])
+    out = tmp_path / "out"
+    assert main(["sample", "--model", tiny_model_path, "--prompt", "a square", "--segments", str(segments),
+                 "--steps", "2", "--guidance", "3", "--out", str(out)]) == 0
+    record = json.loads((out / "samples.jsonl").read_text())
+    assert record["segments"] == str(segments) and (out / record["file_name"]).is_file()
+    assert main(["sample", "--model", tiny_model_path, "--prompt", "a square", "--steps", "2", "--guidance", "3",
+                 "--out", str(tmp_path / "base")]) == 0
+    with_segments = np.asarray(Image.open(out / record["file_name"]), dtype=np.int16)
+    base = np.asarray(Image.open(tmp_path / "base" / record["file_name"]), dtype=np.int16)
+    assert np.abs(with_segments - base).max() > 0  # the segment LoRAs were active
