@@ -41,6 +41,7 @@ class DataConfig:
     strict: bool = False  # bad records are fatal instead of skipped and counted
     drop_ties: bool = True  # Pick-a-Pic label_0 == 0.5; kept ties are trained in source order (diffusers' behaviour)
     max_samples: int | None = None
+    streaming: bool = False  # hub / parquet tables: read rows as they arrive instead of downloading everything first
     random_flip: bool = True  # both orientations are cached, one is picked per step
     prompt_dropout: float = 0.0  # probability of training a pair with the empty prompt (the original DPO used 0.2)
     cache: bool = True  # cache VAE latents and text embeddings on disk

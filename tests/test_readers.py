@@ -209,3 +209,27 @@ def test_rgba_and_16bit_grayscale_images_are_accepted(tmp_path):
     assert chosen.mode == rejected.mode == "RGB"
     assert tuple(np.asarray(chosen)[0, 0]) == (255, 127, 127)  # half-transparent red over white
     assert np.asarray(rejected)[0, 0, 0] == round(60000 / 65535 * 255)  # rescaled, not clipped to 255
+
+
+def test_streaming_a_parquet_table_reads_the_same_records(tiny_data_path, monkeypatch):
+    from pathlib import Path
+
+    import datasets
+
+    from diffalign.config import DataConfig
+    from diffalign.data import read_preferences
+
+    parquet = str(Path(tiny_data_path).parent / "pairs.parquet")
+    full, full_report = read_preferences(DataConfig(max_samples=10), parquet)
+    loaded = []
+    original = datasets.load_dataset
+
+    def spy(*args, **kwargs):
+        loaded.append(original(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(datasets, "load_dataset", spy)
+    streamed, streamed_report = read_preferences(DataConfig(max_samples=10, streaming=True), parquet)
+    assert isinstance(loaded[0], datasets.IterableDataset)  # really streamed, not downloaded
+    assert [(r.index, r.prompt, r.images) for r in streamed] == [(r.index, r.prompt, r.images) for r in full]
+    assert streamed_report.kept == full_report.kept == 10

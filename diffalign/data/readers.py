@@ -194,10 +194,10 @@ def image_source(cell: Any) -> ImageSource | None:
 
 
 # ---------------------------------------------------------------------------------------------- tables
-def table_rows(source: str, cfg: DataConfig) -> tuple[Iterator[Row], int]:
+def table_rows(source: str, cfg: DataConfig) -> tuple[Iterator[Row], int | None]:
     """Rows of a parquet or hub table, with the schema picked by ``cfg.format`` or by the columns found."""
     dataset = load_table(source, cfg)
-    names = list(dataset.column_names)
+    names = list(dataset.column_names or next(iter(dataset)).keys())  # a stream may not know its columns up front
     schema = pick_schema(source, names, cfg.format)
     scored = schema == "chosen_rejected" and any(column in names for column in PAIR_SCORES)
     if scored and not all(column in names for column in PAIR_SCORES):
@@ -223,7 +223,7 @@ def table_rows(source: str, cfg: DataConfig) -> tuple[Iterator[Row], int]:
                 yield Row(index, "ranked", row["prompt"], list(images) if isinstance(images, list | tuple) else [],
                           scores=row["scores"])
 
-    return rows(), len(dataset)
+    return rows(), None if cfg.streaming else len(dataset)
 
 
 def undecoded(feature: Any) -> Any:
@@ -252,11 +252,11 @@ def load_table(source: str, cfg: DataConfig):
 
     data_files = parquet_files(source)
     if data_files is not None:
-        return datasets.load_dataset("parquet", data_files=data_files, split="train")
+        return datasets.load_dataset("parquet", data_files=data_files, split="train", streaming=cfg.streaming)
     if not HUB_ID.match(source) or source.endswith((".parquet", ".jsonl", ".json")):
         raise DataError(f"data.source={source} does not exist; {EXPECTED_SOURCES}")
     try:
-        return datasets.load_dataset(source, split=cfg.split)
+        return datasets.load_dataset(source, split=cfg.split, streaming=cfg.streaming)
     except Exception as error:  # offline, private, misspelled: the message should still say what was tried
         raise DataError(f"data.source={source}: no such local path, and loading it as a hub dataset "
                         f"(split={cfg.split!r}) failed: {type(error).__name__}: {error}") from error
