@@ -240,7 +240,14 @@ def run_score(args) -> int:
                                                             args.ensemble_weights else [], names, "--ensemble-weights").items()}
     rows = collect_rows(args.images, args.prompts)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    rewards = {name: build_reward(name, weights=weights.get(name), device=device) for name in names}
+    rewards = {}
+    for name in names:
+        try:
+            rewards[name] = build_reward(name, weights=weights.get(name), device=device)
+        except (OSError, RuntimeError) as error:  # offline, gated, missing file: say how to use local weights
+            raise ValueError(f"could not load reward '{name}': {str(error).splitlines()[0][:300]}. Give local weights "
+                             f"with --weights {name}=PATH (or try the tiny one: diffalign tiny reward DIR --reward "
+                             f"{name})") from error
     score_rows(rows, rewards, args.batch_size)
     add_ensemble(rows, names, ensemble_weights or None)
     columns = names + (["ensemble_z"] if any("ensemble_z" in row.scores for row in rows) else [])

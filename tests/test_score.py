@@ -106,3 +106,10 @@ def test_tiny_reward_command_and_large_and_16bit_images(tmp_path, capsys):
     reward = build_reward("hpsv21", weights=str(tmp_path / "hps"))
     small = reward.score([Image.new("RGB", (2048, 1024), (200, 30, 30))], ["red"])
     assert abs(records[0]["hpsv21"] - small.item()) < 1e-3  # large images are shrunk first, same score
+
+
+def test_unloadable_reward_is_a_one_line_error(tmp_path, sampled, capsys):
+    code = main(["score", "--images", str(sampled), "--reward", "hpsv21", "--weights", str(tmp_path / "missing.pt")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "could not load reward 'hpsv21'" in err and "--weights hpsv21=PATH" in err
