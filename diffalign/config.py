@@ -56,8 +56,8 @@ REFERENCE_STRATEGIES = ["auto", "lora_disabled", "frozen_copy", "ema", "none"]
 @dataclass
 class ObjectiveConfig:
     name: str = "dpo"
-    # auto: none for reference-free objectives, ema for self_npo, lora_disabled with LoRA, frozen_copy for full
-    # fine-tuning
+    # auto: none for reference-free objectives, else the objective's own default (self_npo: ema),
+    # else lora_disabled with LoRA and frozen_copy for full fine-tuning
     reference: str = "auto"
     reference_offload: bool = False  # frozen_copy / full-model ema: keep the copy on the CPU between passes
     ema_decay: float = 0.99  # ema: ref <- decay * ref + (1 - decay) * policy ...
@@ -209,9 +209,7 @@ def resolve_reference(cfg: Config) -> str:
         raise ConfigError(f"objective '{objective.name}' needs a reference model; set objective.reference to "
                           "lora_disabled (LoRA), frozen_copy or ema")
     if reference == "auto":
-        reference = "lora_disabled" if cfg.lora.enabled else "frozen_copy"
-        if objective.name == "self_npo":  # its teacher is an EMA of the student (decay from objective.self_npo)
-            reference = "ema"
+        reference = objective.default_reference or ("lora_disabled" if cfg.lora.enabled else "frozen_copy")
     if reference == "lora_disabled" and not cfg.lora.enabled:
         raise ConfigError("objective.reference=lora_disabled needs LoRA training: with lora.enabled=false there are no "
                           "adapters to disable. Use objective.reference=frozen_copy (or ema) for full fine-tuning")

@@ -60,6 +60,11 @@ class Objective:
     # cond, empty_cond (the empty-prompt conditioning, batch of one), generator (CPU, seeded per micro-step),
     # device and params; it returns an ``ObjectiveOutput``.
     custom_step: Callable[..., ObjectiveOutput] | None = None
+    # The reference strategy ``objective.reference=auto`` resolves to (None: lora_disabled / frozen_copy by mode).
+    default_reference: str | None = None
+    # Reference settings an objective takes from its own hyperparameters: params -> ObjectiveConfig overrides,
+    # e.g. Self-NPO's teacher decay ``{"ema_decay": params.ema_decay, "ema_update_every": 1}``.
+    reference_overrides: Callable[[object], dict] | None = None
 
     def parse_params(self, raw: dict, prefix: str | None = None) -> object:
         prefix = prefix or f"objective.{self.name}"

@@ -129,6 +129,8 @@ register_objective(
         images_per_record=1,
         data_kind="images",
         custom_step=self_npo_custom_step,
+        default_reference="ema",  # the teacher is an EMA of the student ...
+        reference_overrides=lambda params: {"ema_decay": params.ema_decay, "ema_update_every": 1},  # ... every step
         description="Self-NPO: truncated fine-tuning towards the EMA teacher's negatively guided DDIM steps "
                     "(pseudo-Huber in x0 space); a negative model for NPO guidance, no preference labels",
         source="G-U-N/Diffusion-NPO (Self-NPO/train.py)",

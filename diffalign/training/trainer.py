@@ -120,9 +120,9 @@ def train(cfg: Config) -> TrainResult:
             param.data = param.data.float()
     if cfg.train.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
-    # Self-NPO's EMA teacher takes its decay from objective.self_npo.ema_decay and moves after every optimizer step.
-    reference_cfg = (dataclasses.replace(cfg.objective, ema_decay=params.ema_decay, ema_update_every=1)
-                     if cfg.objective.name == "self_npo" else cfg.objective)
+    # Some objectives set their reference from their own hyperparameters (Self-NPO: the teacher's EMA decay).
+    overrides = objective.reference_overrides(params) if objective.reference_overrides else {}
+    reference_cfg = dataclasses.replace(cfg.objective, **overrides)
     reference = build_reference(resolve_reference(cfg), reference_cfg, cfg.lora.enabled, denoiser, device, weight_dtype)
 
     # ---- data
