@@ -37,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny_model = tiny_commands.add_parser("model", help="a tiny diffusers checkpoint", epilog=TINY_EXAMPLES,
                                           formatter_class=formatter)
     tiny_model.add_argument("dir")
-    tiny_model.add_argument("--family", default="sd15",
-                            help="sd15 (epsilon), sd2v (SD2.x v-prediction) or sdxl (two text encoders, time ids)")
+    tiny_model.add_argument("--family", default="sd15", choices=["sd15", "sd2v", "sdxl", "sd3"],
+                            help="sd15 (epsilon), sd2v (SD2.x v-prediction), sdxl (two text encoders, time ids) "
+                                 "or sd3 (flow-matching MMDiT, three text encoders)")
     tiny_model.add_argument("--seed", type=int, default=0)
     tiny_data = tiny_commands.add_parser("data", help="a synthetic preference set (parquet + jsonl)",
                                          epilog=TINY_EXAMPLES, formatter_class=formatter)
@@ -76,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--steps", type=int, default=25)
     sample.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     sample.add_argument("--negative-prompt", default=None)
-    sample.add_argument("--scheduler", default=None, help="ddim, dpm, euler, euler_a, pndm, ddpm, unipc")
+    sample.add_argument("--scheduler", default=None, help="ddim, dpm, euler, euler_a, pndm, ddpm, unipc; flow_euler for SD3")
     sample.add_argument("--height", type=int, default=None)
     sample.add_argument("--width", type=int, default=None)
     sample.add_argument("--batch-size", type=int, default=4)
@@ -158,7 +159,7 @@ def add_adapter_arguments(parser) -> None:
     parser.add_argument("--npo", help="negative LoRA (npo / self_npo run) for the unconditional branch")
     parser.add_argument("--npo-merge-weight", type=float, default=0.0, help="m in base + npo + (1-m) * lora")
     parser.add_argument("--segments", help="segments.yaml from a timestep-segment run")
-    parser.add_argument("--scheduler", default=None, help="ddim, dpm, euler, euler_a, pndm, ddpm, unipc")
+    parser.add_argument("--scheduler", default=None, help="ddim, dpm, euler, euler_a, pndm, ddpm, unipc; flow_euler for SD3")
 
 
 def add_sampling_arguments(parser, steps: int, guidance: float, batch_size: int) -> None:

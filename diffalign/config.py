@@ -77,12 +77,17 @@ class LoraConfig:
     rank: int = 8
     alpha: float | None = None  # None = rank (scale 1)
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
+    # None: the family's attention projections (SD/SDXL: to_k, to_q, to_v, to_out.0; SD3 adds the text stream's)
+    target_modules: list[str] | None = None
 
 
 @dataclass
 class TimestepConfig:
-    sampling: str = "uniform"  # uniform over the schedule (or over `interval`)
+    # Density of the training noise level: auto (the family's: uniform for DDPM models, logit_normal for flow
+    # matching), uniform, or logit_normal (logit(u) ~ N(logit_mean, logit_std^2), u the noise level in (0, 1)).
+    sampling: str = "auto"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
     interval: list[int] | None = None  # [t_lo, t_hi): sample only inside this segment (timestep-segment training)
     weighting: str = "none"  # none | min_snr | table: per-sample weights on the policy and reference errors
     min_snr_gamma: float = 5.0
@@ -174,6 +179,8 @@ class Config:
             raise ConfigError(f"data.prompt_dropout must be in [0, 1), got {self.data.prompt_dropout}")
         if self.train.learning_rate <= 0:
             raise ConfigError(f"train.learning_rate must be positive, got {self.train.learning_rate}")
+        from diffalign.config_checks import validate_segments, validate_timesteps
+
         validate_timesteps(self.train.timesteps)
         validate_segments(self)
         from diffalign.objectives import available_objectives, get_objective
@@ -220,44 +227,6 @@ def resolve_reference(cfg: Config) -> str:
     if not 0.0 <= objective_cfg.ema_decay < 1.0 or objective_cfg.ema_update_every < 1:
         raise ConfigError("objective.ema_decay must be in [0, 1) and objective.ema_update_every at least 1")
     return reference
-
-
-def validate_segments(cfg: Config) -> None:
-    if not cfg.segments:
-        return
-    from diffalign.guidance.segments import parse_segments
-
-    try:
-        parse_segments([(segment.name or f"segment {i}", segment.interval) for i, segment in enumerate(cfg.segments)])
-    except ValueError as error:
-        raise ConfigError(f"segments: {error}") from error
-    if cfg.train.timesteps.interval is not None:
-        raise ConfigError("train.timesteps.interval is set per segment by segments[].interval; remove it")
-    names = [segment.name for segment in cfg.segments if segment.name]
-    if len(names) != len(set(names)):
-        raise ConfigError(f"segments: names must be unique, got {names}")
-    for i, segment in enumerate(cfg.segments):
-        dataclass_from_dict(DataConfig, deep_merge(dataclasses.asdict(cfg.data), segment.data), f"segments[{i}].data")
-
-
-def validate_timesteps(ts: TimestepConfig) -> None:
-    check_choice("train.timesteps.sampling", ts.sampling, ["uniform"])
-    check_choice("train.timesteps.weighting", ts.weighting, ["none", "min_snr", "table"])
-    if ts.interval is not None:
-        if len(ts.interval) != 2 or not 0 <= ts.interval[0] < ts.interval[1]:
-            raise ConfigError(f"train.timesteps.interval must be [t_lo, t_hi) with 0 <= t_lo < t_hi, got {ts.interval}")
-    if ts.weighting == "min_snr" and ts.min_snr_gamma <= 0:
-        raise ConfigError(f"train.timesteps.min_snr_gamma must be positive, got {ts.min_snr_gamma}")
-    if ts.weighting == "table":
-        if not ts.weight_table:
-            raise ConfigError("train.timesteps.weighting=table needs train.timesteps.weight_table: [[t_lo, t_hi, weight], ...]")
-        spans = sorted((row[0], row[1]) for row in ts.weight_table if len(row) == 3)
-        if len(spans) != len(ts.weight_table) or any(lo >= hi for lo, hi in spans):
-            raise ConfigError(f"train.timesteps.weight_table rows must be [t_lo, t_hi, weight] with t_lo < t_hi, got {ts.weight_table}")
-        if any(prev_hi > lo for (_, prev_hi), (lo, _) in zip(spans, spans[1:])):
-            raise ConfigError(f"train.timesteps.weight_table intervals overlap: {ts.weight_table}")
-    elif ts.weight_table:
-        raise ConfigError("train.timesteps.weight_table is set but train.timesteps.weighting is not 'table'")
 
 
 def check_choice(key: str, value: Any, choices: list[str]) -> None:

@@ -59,12 +59,12 @@ def tiny_text_encoder(seed: int, hidden_size: int = 32, hidden_act: str = "quick
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
 
-def tiny_vae(seed: int):
+def tiny_vae(seed: int, **overrides):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     # Three blocks: an 8x downsampling VAE would leave 4x4 latents at 32 px, too small to carry structure.
-    return AutoencoderKL(
+    config = dict(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 3,
@@ -76,6 +76,32 @@ def tiny_vae(seed: int):
         sample_size=TINY_RESOLUTION,
         scaling_factor=0.18215,
     )
+    return AutoencoderKL(**{**config, **overrides})
+
+
+def build_t5_tokenizer(out_dir: str | Path | None = None):
+    """A T5 tokenizer (SentencePiece-style Unigram: <pad>=0, </s>=1, <unk>=2) over single characters, built
+    offline; real T5's 32k-piece vocabulary needs a download. Appends </s> like T5."""
+    import string
+
+    from transformers import T5TokenizerFast
+
+    characters = string.ascii_letters + string.digits + string.punctuation
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + c, -2.5) for c in characters] + [(c, -3.0) for c in characters]  # word-initial first
+    tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
+    if out_dir is not None:
+        tokenizer.save_pretrained(str(out_dir))
+    return tokenizer
+
+
+def tiny_t5_encoder(seed: int, vocab_size: int, d_model: int = 64):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=16, d_ff=2 * d_model, num_layers=2, num_heads=4,
+                      relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", decoder_start_token_id=0)
+    return T5EncoderModel(config)
 
 
 def tiny_unet(seed: int, cross_attention_dim: int = 32, **overrides):
@@ -195,5 +221,47 @@ def build_tiny_sdxl(out_dir: str | Path, seed: int = 0) -> Path:
     return Path(out_dir)
 
 
-MODEL_BUILDERS = {"sd15": build_tiny_sd15, "sd2v": build_tiny_sd2v, "sdxl": build_tiny_sdxl}
+def build_tiny_sd3(out_dir: str | Path, seed: int = 0, with_t5: bool = True) -> Path:
+    """A tiny SD3-shaped StableDiffusion3Pipeline: an MMDiT (SD3Transformer2DModel, patch size 2, joint text-image
+    attention), a 16-channel VAE with SD3's shift and scaling factors, two CLIP encoders with projections, a T5
+    encoder (``with_t5=False`` leaves it out, as the pipeline allows) and the flow-matching Euler scheduler with
+    SD3's shift 3."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    text_encoder = tiny_text_encoder(seed, with_projection=True)  # CLIP ViT-L's role
+    text_encoder_2 = tiny_text_encoder(seed + 3, hidden_act="gelu", with_projection=True)  # OpenCLIP bigG's role
+    clip_width = text_encoder.config.hidden_size + text_encoder_2.config.hidden_size
+    t5_tokenizer = build_t5_tokenizer()
+    t5 = tiny_t5_encoder(seed + 4, len(t5_tokenizer), d_model=clip_width) if with_t5 else None
+    torch.manual_seed(seed + 2)
+    transformer = SD3Transformer2DModel(
+        sample_size=TINY_RESOLUTION // 4,  # 8x8 latents
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=clip_width,  # T5's width; the CLIP states are zero-padded to it
+        caption_projection_dim=32,  # = heads x head dim
+        pooled_projection_dim=text_encoder.config.projection_dim + text_encoder_2.config.projection_dim,
+        pos_embed_max_size=16,
+    )
+    tokenizer = build_clip_tokenizer()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=tiny_vae(seed + 1, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer,
+        text_encoder_3=t5,
+        tokenizer_3=t5_tokenizer if with_t5 else None,
+    )
+    pipe.save_pretrained(str(out_dir))
+    return Path(out_dir)
+
+
+MODEL_BUILDERS = {"sd15": build_tiny_sd15, "sd2v": build_tiny_sd2v, "sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3}
 TINY_FAMILIES = tuple(MODEL_BUILDERS)

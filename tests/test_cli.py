@@ -46,6 +46,18 @@ def test_tiny_model_and_data_commands_build_loadable_outputs(tmp_path):
     assert (tmp_path / "data" / "pairs.parquet").is_file()
 
 
+def test_tiny_sd3_command_builds_a_stock_sd3_pipeline_with_a_working_t5_tokenizer(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    assert main(["tiny", "model", str(tmp_path / "sd3"), "--family", "sd3"]) == 0
+    pipe = DiffusionPipeline.from_pretrained(str(tmp_path / "sd3"))
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline" and type(pipe.scheduler).__name__.startswith("FlowMatch")
+    ids = pipe.tokenizer_3("a Red square!").input_ids
+    assert ids[-1] == 1 and 2 not in ids  # ends with </s>, no unknown pieces
+    assert pipe.tokenizer_3.convert_ids_to_tokens(ids[:2]) == ["\u2581a", "\u2581R"]  # word-initial pieces
+    assert pipe.text_encoder_3.config.d_model == pipe.transformer.config.joint_attention_dim
+
+
 def test_tiny_tokenizer_matches_open_clip():
     import open_clip
 

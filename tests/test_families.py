@@ -1,7 +1,8 @@
 """Every model family through the whole product, on its tiny model: training, LoRA reload in the family's stock
 diffusers pipeline (fresh process), NPO-guided sampling against a hand-written reference, pairs and eval.
 
-Families: sd15 (epsilon), sd2v (SD2.x v-prediction), sdxl (two text encoders, per-image time ids).
+Families: sd15 (epsilon), sd2v (SD2.x v-prediction), sdxl (two text encoders, per-image time ids), sd3
+(flow-matching MMDiT, three text encoders, a transformer called by keyword).
 """
 
 import json
@@ -15,7 +16,7 @@ from conftest import ROOT, tiny_overrides
 
 from diffalign.config import Config, load_config
 
-FAMILIES = ["sd15", "sd2v", "sdxl"]
+FAMILIES = ["sd15", "sd2v", "sdxl", "sd3"]
 PROMPT, NEGATIVE, STEPS, SCALE = "a red square on a grey background", "blue shapes", 3, 4.0
 
 
@@ -26,8 +27,9 @@ def family_model(request) -> tuple[str, str]:
     return request.param, resolve_model_spec(f"tiny:{request.param}")
 
 
-def test_v_prediction_family_trains_towards_the_velocity(family_model):
-    """The target follows the checkpoint's scheduler: sd2v's is v = alpha_t * eps - sigma_t * x0, by hand."""
+def test_each_family_trains_towards_its_own_target(family_model):
+    """The target follows the checkpoint: sd2v's is v = alpha_t * eps - sigma_t * x0, sd15 and sdxl's eps, and
+    sd3's the flow velocity eps - x0 at x_t = (1 - sigma) x0 + sigma eps with sigma = t / 1000; by hand."""
     from diffalign.families import load_components
 
     name, path = family_model
@@ -35,6 +37,13 @@ def test_v_prediction_family_trains_towards_the_velocity(family_model):
     cfg.model.pretrained = path
     components = load_components(cfg.model)
     scheduler = components.noise_scheduler
+    if name == "sd3":
+        x0, eps, t = torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8), torch.tensor([100.0, 750.0])
+        x_t, target = components.family.noisy_input_and_target(components, x0, eps, t)
+        sigma = torch.tensor([0.1, 0.75]).view(-1, 1, 1, 1)
+        torch.testing.assert_close(x_t, (1 - sigma) * x0 + sigma * eps)
+        torch.testing.assert_close(target, eps - x0)
+        return
     assert scheduler.config.prediction_type == ("v_prediction" if name == "sd2v" else "epsilon")
     x0, eps, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 800])
     x_t, target = components.family.noisy_input_and_target(components, x0, eps, t)
@@ -136,6 +145,8 @@ def hand_written_npo_sampling(base, positive, npo):
     pos_pipe, neg_pipe = DiffusionPipeline.from_pretrained(base), DiffusionPipeline.from_pretrained(base)
     pos_pipe.load_lora_weights(positive)
     neg_pipe.load_lora_weights(npo)
+    if type(pos_pipe).__name__ == "StableDiffusion3Pipeline":
+        return hand_written_flow_npo_sampling(pos_pipe, neg_pipe)
     sdxl = type(pos_pipe).__name__ == "StableDiffusionXLPipeline"
     if sdxl:  # 4 tensors, and the UNet's added conditioning: pooled text embeds + (32, 32, 0, 0, 32, 32) time ids
         cond, uncond, pooled, pooled_uncond = pos_pipe.encode_prompt(PROMPT, device="cpu", num_images_per_prompt=1,
@@ -160,15 +171,38 @@ def hand_written_npo_sampling(base, positive, npo):
     return latents
 
 
+def hand_written_flow_npo_sampling(pos_pipe, neg_pipe):
+    """SD3: the transformer takes pooled projections, the flow-matching Euler scheduler steps along the velocity."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    cond, uncond, pooled, pooled_uncond = pos_pipe.encode_prompt(PROMPT, None, None, device="cpu",
+                                                                 num_images_per_prompt=1,
+                                                                 do_classifier_free_guidance=True,
+                                                                 negative_prompt=NEGATIVE)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pos_pipe.scheduler.config)
+    scheduler.set_timesteps(STEPS)
+    latents = torch.randn((1, 16, 8, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            t_batch = t.expand(1)
+            out_neg = neg_pipe.transformer(hidden_states=latents, timestep=t_batch, encoder_hidden_states=uncond,
+                                           pooled_projections=pooled_uncond).sample
+            out_pos = pos_pipe.transformer(hidden_states=latents, timestep=t_batch, encoder_hidden_states=cond,
+                                           pooled_projections=pooled).sample
+            latents = scheduler.step(out_neg + SCALE * (out_pos - out_neg), t, latents).prev_sample
+    return latents
+
+
 def test_npo_guided_sampling_equals_the_two_denoiser_reference(family_model, tmp_path):
     from diffalign.guidance import load_pipeline
     from diffalign.tiny import build_tiny_lora
 
-    _, path = family_model
+    name, path = family_model
     positive = str(build_tiny_lora(tmp_path / "pos", base=path, seed=1))
     npo = str(build_tiny_lora(tmp_path / "npo", base=path, seed=2))
     # merge weight 1: the negative branch is base + NPO alone (0 would add the positive LoRA there too)
-    pipe = load_pipeline(path, lora=positive, npo=npo, npo_merge_weight=1.0, scheduler="ddim")
+    pipe = load_pipeline(path, lora=positive, npo=npo, npo_merge_weight=1.0,
+                         scheduler="flow_euler" if name == "sd3" else "ddim")
     pipe.set_progress_bar_config(disable=True)
     ours = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=SCALE,
                 generator=torch.Generator().manual_seed(0), output_type="latent").images

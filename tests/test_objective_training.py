@@ -1,4 +1,4 @@
-"""Every objective lowers its own loss on a fixed batch of the tiny model, through the real training step."""
+"""Every objective lowers its own loss on a fixed batch of each tiny family, through the real training step."""
 
 import math
 
@@ -17,7 +17,8 @@ def test_every_objective_is_registered():
     assert set(OBJECTIVES) <= set(available_objectives())
 
 
-@pytest.fixture(scope="module", params=["tiny:sd15", "tiny:sd2v", "tiny:sdxl"])  # eps, v targets; SDXL cond
+# eps and v targets; SDXL's conditioning; SD3's flow-matching velocity and transformer
+@pytest.fixture(scope="module", params=["tiny:sd15", "tiny:sd2v", "tiny:sdxl", "tiny:sd3"])
 def fixed_batch(request, tiny_data_path):
     """Latents of 8 red-vs-blue pairs, a third image per record for rankings, and their conditioning."""
     from diffalign.data import read_preferences
@@ -33,7 +34,8 @@ def fixed_batch(request, tiny_data_path):
     family = components.family
     images = [[open_image(s) for s in r.images] for r in records]
     pixels = torch.stack([torch.stack([family.preprocess_image(im, 32) for im in pair]) for pair in images])
-    latents = family.encode_images(components, pixels.flatten(0, 1)).view(8, 2, 4, 8, 8)
+    latents = family.encode_images(components, pixels.flatten(0, 1))
+    latents = latents.view(8, 2, *latents.shape[1:])
     scores = torch.tensor([[redness(im) for im in pair] for pair in images])
     cond = family.encode_prompts(components, [r.prompt for r in records])
     return components, latents, scores, cond

@@ -91,6 +91,30 @@ def test_interval_sampling_stays_inside_the_segment():
         sample_discrete_timesteps(1000, 4, torch.Generator(), [500, 1200])
 
 
+def test_logit_normal_ddpm_timesteps_floor_the_density_onto_the_grid_inside_the_interval():
+    from diffalign.config import TimestepConfig
+    from diffalign.training.timesteps import sample_ddpm_timesteps
+
+    cfg = TimestepConfig(sampling="logit_normal", interval=[200, 400])
+    t = sample_ddpm_timesteps(1000, 5000, torch.Generator().manual_seed(0), cfg, "logit_normal")
+    assert t.dtype == torch.long and t.min() >= 200 and t.max() < 400
+    # logit-normal(0, 1) restricted to u in [0.2, 0.4) puts more mass near 0.4 (closer to the mode at 0.5)
+    assert (t >= 300).float().mean() > 0.55
+    everywhere = sample_ddpm_timesteps(1000, 20_000, torch.Generator().manual_seed(1), TimestepConfig(), "logit_normal")
+    assert abs((everywhere < 500).float().mean().item() - 0.5) < 0.015  # symmetric around u = 0.5
+    assert (everywhere < 100).float().mean() < 0.02  # logit-normal(0, 1): P(u < 0.1) = Phi(-2.197) = 0.014
+
+
+def test_timestep_sampling_choices_are_validated():
+    from diffalign.config import ConfigError, load_config
+
+    assert load_config(None, []).train.timesteps.sampling == "auto"
+    with pytest.raises(ConfigError, match="sampling"):
+        load_config(None, ["train.timesteps.sampling=cosine"])
+    with pytest.raises(ConfigError, match="logit_std"):
+        load_config(None, ["train.timesteps.logit_std=0"])
+
+
 def test_min_snr_and_table_weights_by_hand():
     snr = torch.tensor([0.5, 5.0, 20.0])
     torch.testing.assert_close(min_snr_weights(snr, 5.0, "epsilon"), torch.tensor([1.0, 1.0, 0.25]))

@@ -180,12 +180,15 @@ def test_every_tiny_config_trains_end_to_end(tmp_path, config):
     assert info["data"]["kept"] > 0
 
 
-def test_segment_recipe_trains_one_lora_per_interval_and_samples(tmp_path):
+@pytest.mark.parametrize("base", ["tiny:sd15", "tiny:sd2v", "tiny:sdxl", "tiny:sd3"])
+def test_segment_recipe_trains_one_lora_per_interval_and_samples(tmp_path, base):
+    """Every family: one LoRA per interval, each switched on in its own interval (SD3: t = 1000 sigma)."""
     config = "tiny_dpo_segments.yaml"
     from diffalign.guidance import load_pipeline, parse_segments
     from diffalign.training.segments import train_segments
 
-    cfg = load_config(ROOT / "configs" / config, tiny_overrides(tmp_path / "seg", **{"train.max_steps": 2}))
+    cfg = load_config(ROOT / "configs" / config, tiny_overrides(tmp_path / "seg", **{"train.max_steps": 2,
+                                                                                    "model.pretrained": base}))
     results = train_segments(cfg)
     assert [r.global_step for r in results] == [2, 2]
     segments = parse_segments(tmp_path / "seg" / "segments.yaml")
@@ -198,5 +201,6 @@ def test_segment_recipe_trains_one_lora_per_interval_and_samples(tmp_path):
     pipe = load_pipeline(cfg.model.pretrained, segments=tmp_path / "seg" / "segments.yaml")
     pipe.set_progress_bar_config(disable=True)
     pipe("a square", num_inference_steps=4, guidance_scale=3.0, output_type="latent")
-    active = {tuple(adapters) for _, _, adapters in pipe.adapter_router.trace}
-    assert active == {("segment_0",), ("segment_1",)}
+    for t, _, adapters in pipe.adapter_router.trace:
+        assert list(adapters) == (["segment_0"] if t >= 500 else ["segment_1"])
+    assert {tuple(adapters) for _, _, adapters in pipe.adapter_router.trace} == {("segment_0",), ("segment_1",)}

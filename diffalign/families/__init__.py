@@ -8,9 +8,12 @@ from pathlib import Path
 from diffalign.config import ConfigError, closest
 from diffalign.families.base import DiffusionComponents, Family
 from diffalign.families.sd import StableDiffusionFamily
+from diffalign.families.sd3 import StableDiffusion3Family
 from diffalign.families.sdxl import StableDiffusionXLFamily
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (StableDiffusionFamily(), StableDiffusionXLFamily())}
+FAMILIES: dict[str, Family] = {
+    family.name: family for family in (StableDiffusionFamily(), StableDiffusionXLFamily(), StableDiffusion3Family())
+}
 
 
 def get_family(name: str) -> Family:

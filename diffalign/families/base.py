@@ -35,7 +35,9 @@ class Family:
 
     name: str = ""
     pipeline_class_names: tuple[str, ...] = ()
-    denoiser_subfolder: str = "unet"  # where a full fine-tune is saved, as in the checkpoint layout
+    denoiser_subfolder: str = "unet"  # the pipeline component; where a full fine-tune is saved, as in the checkpoint
+    denoiser_class_name: str = "UNet2DConditionModel"  # its diffusers class, for loading a full fine-tune
+    default_timestep_density: str = "uniform"  # what train.timesteps.sampling=auto means for this family
     default_lora_targets: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")
     # Conditioning that differs between the images of one record (SDXL's time ids), shaped (B, K, ...) in a batch;
     # everything else is per prompt, shaped (B, ...), and shared by the record's K images.
@@ -79,16 +81,47 @@ class Family:
     ) -> torch.Tensor:
         raise NotImplementedError
 
+    def num_train_timesteps(self, components: DiffusionComponents) -> int:
+        """T: training timesteps lie in [0, T) (integers for DDPM schedules, floats for flow matching)."""
+        raise NotImplementedError
+
+    def noise_levels(self, components: DiffusionComponents,
+                     timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha_t, sigma_t), CPU float32, shaped (N,), for the training timesteps ``timesteps`` (the values the
+        denoiser receives): x_t = alpha_t x0 + sigma_t eps. DDPM: sqrt(alphas_cumprod), sqrt(1 - alphas_cumprod);
+        flow matching: 1 - t / T, t / T."""
+        raise NotImplementedError
+
+    def split_prediction(self, components: DiffusionComponents, pred: torch.Tensor, x_t: torch.Tensor,
+                         alpha: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0_hat, eps_hat) implied by the denoiser's output ``pred`` at ``x_t``, whose noise levels are
+        ``alpha``, ``sigma`` (from ``noise_levels``, broadcastable to ``x_t``, e.g. (N, 1, 1, 1)). Affine in
+        ``pred``, so guidance (weights summing to 1) may be applied to raw predictions before splitting."""
+        raise NotImplementedError
+
     def build_pipeline(self, components: DiffusionComponents, denoiser: torch.nn.Module | None = None):
         raise NotImplementedError
 
     def save_lora(self, directory: str, lora_state_dict: dict, adapter_metadata: dict) -> None:
+        """Write ``lora_state_dict`` (peft key names) in the file format the family's pipeline loads."""
         raise NotImplementedError
 
     def pipeline_class(self):
         raise NotImplementedError
 
     # -- shared -------------------------------------------------------------------------------------------
+    @staticmethod
+    def training_resolution(requested: int | None, sample_size: int, vae, patch_size: int = 1) -> int:
+        """``model.resolution``, or the denoiser's native size in pixels; a multiple of the VAE's downsampling
+        factor times the denoiser's patch size (so latents tile into whole patches)."""
+        vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        resolution = requested or sample_size * vae_factor
+        multiple = vae_factor * patch_size
+        if resolution % multiple:
+            raise ValueError(f"model.resolution={resolution} must be a multiple of {multiple} (the VAE's factor "
+                             f"{vae_factor} x patch size {patch_size})")
+        return resolution
+
     @staticmethod
     def crop_geometry(width: int, height: int, resolution: int) -> tuple[int, int, int, int]:
         """(resized_w, resized_h, crop_left, crop_top) of ``preprocess_image``: the shorter side resized to

@@ -9,7 +9,29 @@ from __future__ import annotations
 import torch
 
 from diffalign.families.base import DiffusionComponents, Family
-from diffalign.training.timesteps import sample_discrete_timesteps, timestep_weights
+from diffalign.training.timesteps import resolve_density, sample_ddpm_timesteps, timestep_weights
+
+
+# (x0, eps) from each prediction type at x_t = alpha x0 + sigma eps; v = alpha eps - sigma x0.
+def split_epsilon(eps: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor,
+                  sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Epsilon prediction: x0 = (x_t - sigma eps) / alpha."""
+    return (x_t - sigma * eps) / alpha, eps
+
+
+def split_v_prediction(v: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor,
+                       sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """v prediction: x0 = alpha x_t - sigma v, eps = sigma x_t + alpha v (alpha^2 + sigma^2 = 1: no division)."""
+    return alpha * x_t - sigma * v, sigma * x_t + alpha * v
+
+
+def split_sample(x0: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor,
+                 sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample (x0) prediction: eps = (x_t - alpha x0) / sigma."""
+    return x0, (x_t - alpha * x0) / sigma
+
+
+SPLITS = {"epsilon": split_epsilon, "v_prediction": split_v_prediction, "sample": split_sample}
 
 
 class StableDiffusionFamily(Family):
@@ -29,10 +51,7 @@ class StableDiffusionFamily(Family):
         )
         tokenizer = CLIPTokenizer.from_pretrained(resolved_path, subfolder="tokenizer", **common)
         scheduler = DDPMScheduler.from_pretrained(resolved_path, subfolder="scheduler", **common)
-        vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        resolution = model_cfg.resolution or unet.config.sample_size * vae_factor
-        if resolution % vae_factor:
-            raise ValueError(f"model.resolution={resolution} must be a multiple of the VAE factor {vae_factor}")
+        resolution = self.training_resolution(model_cfg.resolution, unet.config.sample_size, vae)
         return DiffusionComponents(
             family=self,
             pretrained=resolved_path,
@@ -62,9 +81,8 @@ class StableDiffusionFamily(Family):
 
     def sample_timesteps(self, components: DiffusionComponents, count: int, generator: torch.Generator,
                          timestep_cfg=None) -> torch.Tensor:
-        num = components.noise_scheduler.config.num_train_timesteps
-        interval = timestep_cfg.interval if timestep_cfg is not None else None
-        return sample_discrete_timesteps(num, count, generator, interval)
+        density = resolve_density(timestep_cfg, self.default_timestep_density)
+        return sample_ddpm_timesteps(self.num_train_timesteps(components), count, generator, timestep_cfg, density)
 
     def timestep_weights(self, components: DiffusionComponents, timesteps: torch.Tensor, timestep_cfg):
         scheduler = components.noise_scheduler
@@ -88,6 +106,20 @@ class StableDiffusionFamily(Family):
     def predict(self, denoiser, x_t, timesteps, cond):
         return denoiser(x_t, timesteps, encoder_hidden_states=cond["encoder_hidden_states"]).sample
 
+    def num_train_timesteps(self, components: DiffusionComponents) -> int:
+        return components.noise_scheduler.config.num_train_timesteps
+
+    def noise_levels(self, components: DiffusionComponents, timesteps: torch.Tensor):
+        # float64 for 1 - alphas_cumprod, where alphas_cumprod is close to 1 (small t), then float32 as promised
+        alphas_cumprod = components.noise_scheduler.alphas_cumprod.detach().to("cpu", torch.float64)[timesteps.cpu()]
+        return alphas_cumprod.sqrt().float(), (1 - alphas_cumprod).sqrt().float()
+
+    def split_prediction(self, components: DiffusionComponents, pred, x_t, alpha, sigma):
+        prediction_type = components.noise_scheduler.config.prediction_type
+        if prediction_type not in SPLITS:
+            raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+        return SPLITS[prediction_type](pred, x_t, alpha, sigma)
+
     def pipeline_class(self):
         from diffusers import StableDiffusionPipeline
 
@@ -108,6 +140,10 @@ class StableDiffusionFamily(Family):
         )
 
     def save_lora(self, directory: str, lora_state_dict: dict, adapter_metadata: dict) -> None:
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        # UNet LoRAs in diffusers' own key names (lora.down / lora.up), as diffusers' SD and SDXL scripts save them
         self.pipeline_class().save_lora_weights(
-            directory, unet_lora_layers=lora_state_dict, unet_lora_adapter_metadata=adapter_metadata
+            directory, unet_lora_layers=convert_state_dict_to_diffusers(lora_state_dict),
+            unet_lora_adapter_metadata=adapter_metadata
         )

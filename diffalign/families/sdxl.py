@@ -44,10 +44,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         tokenizers = [CLIPTokenizer.from_pretrained(resolved_path, subfolder=sub, **common)
                       for sub in ("tokenizer", "tokenizer_2")]
         scheduler = DDPMScheduler.from_pretrained(resolved_path, subfolder="scheduler", **common)
-        vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        resolution = model_cfg.resolution or unet.config.sample_size * vae_factor
-        if resolution % vae_factor:
-            raise ValueError(f"model.resolution={resolution} must be a multiple of the VAE factor {vae_factor}")
+        resolution = self.training_resolution(model_cfg.resolution, unet.config.sample_size, vae)
         index = read_model_index(resolved_path, model_cfg.revision)
         return DiffusionComponents(
             family=self,

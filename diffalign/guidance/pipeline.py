@@ -35,7 +35,9 @@ SCHEDULERS = {
     "pndm": "PNDMScheduler",
     "ddpm": "DDPMScheduler",
     "unipc": "UniPCMultistepScheduler",
+    "flow_euler": "FlowMatchEulerDiscreteScheduler",
 }
+FLOW_SCHEDULERS = ("flow_euler",)  # for flow-matching models (SD3); the others are for DDPM-schedule models
 
 
 def lora_file(path: str | Path) -> Path:
@@ -138,13 +140,24 @@ def timestep_value(timestep) -> float:
     return float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
 
 
+def denoiser_inputs(args: tuple, kwargs: dict):
+    """(sample, timestep) of a denoiser call: positional for the UNet pipelines (``unet(sample, t, ...)``), by
+    keyword for the transformer ones (``transformer(hidden_states=..., timestep=...)``)."""
+    sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+    timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+    if sample is None or timestep is None:
+        raise TypeError("adapter routing could not find the denoiser's sample and timestep arguments")
+    return sample, timestep
+
+
 def install_router(pipe, denoiser_name: str, router: AdapterRouter) -> None:
     """Wrap the denoiser's forward so each call runs with the adapters the router picks."""
     denoiser = getattr(pipe, denoiser_name)
     original = denoiser.forward
 
     @functools.wraps(original)
-    def routed_forward(sample, timestep, *args, **kwargs):
+    def routed_forward(*args, **kwargs):
+        sample, timestep = denoiser_inputs(args, kwargs)
         t = timestep_value(timestep)
         positive = router.positive_adapters(t)
         negative = router.negative_adapters(t)
@@ -152,14 +165,15 @@ def install_router(pipe, denoiser_name: str, router: AdapterRouter) -> None:
         if not guided or negative == positive:  # one call serves both halves
             router.log(t, "both" if guided else "conditional", positive)
             activate(denoiser, positive)
-            return original(sample, timestep, *args, **kwargs)
+            return original(*args, **kwargs)
+        # The CFG batch is [negative; conditional] in every diffusers pipeline we route: split every batch-shaped
+        # argument (sample, timestep, text states, SDXL's added conditioning) into its two halves.
         half = sample.shape[0] // 2
         outputs = []
         for index, (branch, adapters) in enumerate((("negative", negative), ("conditional", positive))):
             router.log(t, branch, adapters)
             activate(denoiser, adapters)
-            outputs.append(original(split_batch(sample, half, index), split_batch(timestep, half, index),
-                                    *[split_batch(a, half, index) for a in args],
+            outputs.append(original(*[split_batch(a, half, index) for a in args],
                                     **{k: split_batch(v, half, index) for k, v in kwargs.items()}))
         return join_outputs(*outputs)
 
@@ -172,6 +186,12 @@ def set_scheduler(pipe, name: str) -> None:
 
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler '{name}'; choose one of {', '.join(SCHEDULERS)}")
+    flow_model = type(pipe.scheduler).__name__.startswith("FlowMatch")
+    if flow_model != (name in FLOW_SCHEDULERS):
+        usable = [n for n in SCHEDULERS if (n in FLOW_SCHEDULERS) == flow_model]
+        kind = "a flow-matching" if flow_model else "a DDPM-schedule"
+        raise ValueError(f"scheduler '{name}' does not fit {kind} model ({type(pipe).__name__}); use one of "
+                         f"{', '.join(usable)}")
     pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
 
 
@@ -186,7 +206,8 @@ def load_pipeline(base: str, lora: str | None = None, npo: str | None = None, np
         npo_merge_weight: m in theta_neg = base + npo + (1 - m) * positive (0 = the authors' default).
         segments: a segments.yaml path or list (see ``guidance.segments``): per-timestep-interval LoRAs.
         lora_scale, npo_scale: adapter weights of the positive and the NPO LoRA.
-        scheduler: replace the pipeline's scheduler by name (ddim, dpm, euler, euler_a, pndm, ddpm, unipc).
+        scheduler: replace the pipeline's scheduler by name (ddim, dpm, euler, euler_a, pndm, ddpm, unipc; for
+            flow-matching models such as SD3: flow_euler).
     """
     from diffusers import DiffusionPipeline
 

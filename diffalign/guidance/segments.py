@@ -10,7 +10,9 @@ A segments file (``segments.yaml``, written by segment training and read by ``lo
       - lora: runs/segments/late
         interval: [0, 500]
 
-Outside every interval the base model runs.
+Outside every interval the base model runs. Intervals are in the timesteps the denoiser receives: 0..999 on
+SD's DDPM schedule, and t = 1000 sigma for flow-matching models (SD3), so [500, 1000) is sigma in [0.5, 1]: an
+interval that reaches the top of the schedule also holds t = 1000, the pure-noise first step of flow samplers.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from pathlib import Path
 
 import yaml
 
+SCHEDULE_TOP = 1000  # num_train_timesteps of every supported family: t = 1000 is sigma = 1 in flow matching
+
 
 @dataclass
 class Segment:
@@ -28,7 +32,8 @@ class Segment:
     scale: float = 1.0
 
     def contains(self, t: float) -> bool:
-        return self.interval[0] <= t < self.interval[1]
+        low, high = self.interval
+        return low <= t < high or (t == high >= SCHEDULE_TOP)
 
 
 def parse_segments(spec, base_dir: Path | None = None) -> list[Segment]:

@@ -12,12 +12,14 @@ Each step, for latents x0 with captions c (empty prompt: c_0):
     1. pick a DDIM index on a grid of ``grid_steps`` timesteps with stride s = T / grid_steps (SD: 25 steps,
        s = 40, t in {39, 79, ..., 999}): t_s; noise x0 to x_{t_s} = alpha_s x0 + sigma_s eps;
     2. without gradients the teacher runs ``teacher_steps`` DDIM steps (eta 0) with the guided prediction
-       eps_g = eps(x, c) + w (eps(x, c) - eps(x, c_0)), each from t to max(t - s, 0), reaching
-       t_e = max(t_s - s * teacher_steps, 0) (SD: t_s - 200) with sample x_prev; the target is the teacher's
-       guided x0 prediction at t_e;
+       p_g = p(x, c) + w (p(x, c) - p(x, c_0)), each from t to max(t - s, 0):
+       x_prev = alpha_prev x0_hat + sigma_prev eps_hat, (x0_hat, eps_hat) the split of p_g at x (see below),
+       reaching t_e = max(t_s - s * teacher_steps, 0) (SD: t_s - 200) with sample x_prev; the target is the
+       teacher's guided x0_hat at t_e;
     3. t' ~ uniform on the integers in (t_e, T - 1]; re-noise x_prev from t_e to t' in variance-exploding form,
        nsr = sigma / alpha:   x_{t'} = (x_prev / alpha_e + sqrt(nsr_{t'}^2 - nsr_e^2) z) alpha_{t'},  z ~ N(0, I);
-    4. the student (the one forward with gradients) predicts eps at t' with the caption, converted to x0;
+    4. the student (the one forward with gradients) predicts at t' with the caption; its x0_hat is the target's
+       counterpart;
     5. loss = mean(sqrt((x0_student - target)^2 + c^2) - c)   (pseudo-Huber, c = ``huber_c``).
 
 The teacher is an EMA of the student (decay ``ema_decay``, updated after every optimizer step), initialised from
@@ -35,7 +37,12 @@ Differences from the source: all randomness comes from the step generator (exact
 the teacher's x0 at t_e (the source, when every sample of a batch reaches t = 0 early, stops one evaluation short
 and keeps the x0 of the last step instead); the latents are the VAE posterior mean (the feature cache), not a
 sample. ``train.timesteps`` (interval, weighting) does not apply: the timesteps are this procedure's own.
-Only epsilon-prediction models are supported.
+
+Any prediction type: the family's ``noise_levels`` gives alpha_t, sigma_t and its ``split_prediction`` turns the
+denoiser's output into (x0_hat, eps_hat): SD/SDXL epsilon, v-prediction (SD2.x 768-v) and sample; flow matching
+(alpha = 1 - t/T, sigma = t/T, v = eps - x0) through its own family. Guidance is an affine combination of the
+raw predictions (weights 1 + w and -w) and the split is affine in the prediction, so guiding the raw predictions
+guides x0_hat and eps_hat alike.
 """
 
 from __future__ import annotations
@@ -80,19 +87,22 @@ def pseudo_huber(pred: torch.Tensor, target: torch.Tensor, c: float) -> torch.Te
     return (diff_sq / (torch.sqrt(diff_sq + c**2) + c)).mean()
 
 
-def x0_from_eps(x_t: torch.Tensor, eps: torch.Tensor, alpha_t: torch.Tensor, sigma_t: torch.Tensor) -> torch.Tensor:
-    """The clean sample implied by an epsilon prediction: (x_t - sigma_t eps) / alpha_t."""
-    return (x_t - sigma_t * eps) / alpha_t
+def ddim_step(x0_hat: torch.Tensor, eps_hat: torch.Tensor, alpha_prev: torch.Tensor,
+              sigma_prev: torch.Tensor) -> torch.Tensor:
+    """Deterministic DDIM (eta 0) to the level (alpha_prev, sigma_prev): alpha_prev x0_hat + sigma_prev eps_hat.
+
+    The same for every parameterisation once the prediction is split into (x0_hat, eps_hat); no division by the
+    current level's alpha (zero at the noisy end of flow matching).
+    """
+    return alpha_prev * x0_hat + sigma_prev * eps_hat
 
 
-def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, alpha_t: torch.Tensor, sigma_t: torch.Tensor,
-              alpha_prev: torch.Tensor, sigma_prev: torch.Tensor) -> torch.Tensor:
-    """Deterministic DDIM (eta 0): x_prev = alpha_prev x0 + sigma_prev eps with x0 = x0_from_eps(x_t, eps)."""
-    return alpha_prev * x0_from_eps(x_t, eps, alpha_t, sigma_t) + sigma_prev * eps
+def guided_prediction(cond: torch.Tensor, uncond: torch.Tensor, w: float) -> torch.Tensor:
+    """Guidance as Self-NPO writes it: cond + w (cond - uncond). w = -1 gives uncond; CFG scale g is w = g - 1.
 
-
-def guided_eps(cond: torch.Tensor, uncond: torch.Tensor, w: float) -> torch.Tensor:
-    """Guidance as Self-NPO writes it: cond + w (cond - uncond). w = -1 gives uncond; CFG scale g is w = g - 1."""
+    Any prediction type (eps, v, x0): the weights sum to 1 and the split into (x0_hat, eps_hat) is affine in the
+    prediction, so guiding before or after the split is the same.
+    """
     return cond + w * (cond - uncond)
 
 

@@ -67,12 +67,9 @@ def trainable_checksum(model: torch.nn.Module) -> str:
 
 def save_lora(family, model: torch.nn.Module, directory: str | Path) -> Path:
     """Write ``pytorch_lora_weights.safetensors`` in the format the family's diffusers pipeline loads."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = convert_state_dict_to_diffusers(peft_state_dict(model))
-    family.save_lora(str(directory), state, adapter_metadata(model))
+    family.save_lora(str(directory), peft_state_dict(model), adapter_metadata(model))
     return directory / LORA_WEIGHT_NAME
 
 
@@ -104,6 +101,11 @@ def export_kohya(run_dir: str | Path, out_path: str | Path | None = None, prefix
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     alpha = _alpha_from_metadata(header)
     unet_tensors = {k.removeprefix(f"{prefix}."): v for k, v in tensors.items() if k.startswith(f"{prefix}.")}
+    if not unet_tensors:
+        adapted = sorted({key.split(".", 1)[0] for key in tensors})
+        raise ValueError(f"{source} holds no '{prefix}.*' LoRA weights (it adapts: {', '.join(adapted)}). The kohya "
+                         "export converts UNet LoRAs (SD1.x/2.x, SDXL); an SD3 transformer LoRA stays in the diffusers "
+                         "format: load it with pipe.load_lora_weights")
     peft_state = {f"{prefix}.{k}": v for k, v in convert_unet_state_dict_to_peft(unet_tensors).items()}
     kohya = convert_state_dict_to_kohya(peft_state)
     for key in kohya:

@@ -7,8 +7,10 @@ from pathlib import Path
 import yaml
 
 
-def write_model_card(cfg, output_dir: Path, run_info: dict, base_path: str | None = None) -> Path:
-    """``base_path`` is what to pass to from_pretrained (the resolved folder for a tiny: spec)."""
+def write_model_card(cfg, output_dir: Path, run_info: dict, family, base_path: str | None = None) -> Path:
+    """``base_path`` is what to pass to from_pretrained (the resolved folder for a tiny: spec); ``family`` names
+    the denoiser's class and pipeline component (for loading a full fine-tune) and the default LoRA targets."""
+    denoiser_class, component = family.denoiser_class_name, family.denoiser_subfolder
     base_path = base_path or cfg.model.pretrained
     metrics = run_info.get("final_metrics") or {}
     metric_rows = "\n".join(f"| {name} | {value:.6g} |" for name, value in sorted(metrics.items())) or "| (none) | |"
@@ -20,7 +22,7 @@ def write_model_card(cfg, output_dir: Path, run_info: dict, base_path: str | Non
     reference = resolve_reference(cfg)
     if cfg.lora.enabled:
         alpha = cfg.lora.alpha if cfg.lora.alpha is not None else cfg.lora.rank
-        lora_row = f"LoRA rank {cfg.lora.rank}, alpha {alpha}, on {', '.join(cfg.lora.target_modules)}"
+        lora_row = f"LoRA rank {cfg.lora.rank}, alpha {alpha}, on {', '.join(cfg.lora.target_modules or family.default_lora_targets)}"
         how_to_load = f"""```python
 from diffusers import DiffusionPipeline
 
@@ -31,12 +33,12 @@ image = pipe("a photo of a cat").images[0]
 
 For ComfyUI / A1111, export the kohya format: `diffalign export {output_dir} --format kohya`."""
     else:
-        lora_row = "full fine-tune of the denoiser, saved as a diffusers folder in `unet/`"
+        lora_row = f"full fine-tune of the denoiser, saved as a diffusers folder in `{component}/`"
         how_to_load = f"""```python
-from diffusers import DiffusionPipeline, UNet2DConditionModel
+from diffusers import DiffusionPipeline, {denoiser_class}
 
-unet = UNet2DConditionModel.from_pretrained("{output_dir}/unet")
-pipe = DiffusionPipeline.from_pretrained("{base_path}", unet=unet)
+{component} = {denoiser_class}.from_pretrained("{output_dir}/{component}")
+pipe = DiffusionPipeline.from_pretrained("{base_path}", {component}={component})
 image = pipe("a photo of a cat").images[0]
 ```"""
     if cfg.objective.name in ("npo", "self_npo"):

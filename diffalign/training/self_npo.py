@@ -5,7 +5,8 @@
 
 Every random draw (grid index, noise, t', re-noise) comes from ``generator`` (CPU) in a fixed order, so a resumed
 run draws exactly what an uninterrupted one would have. The schedule arithmetic runs in float32; the networks see
-inputs in the latents' dtype.
+inputs in the latents' dtype. The model family supplies the noise levels (``family.noise_levels``) and the reading
+of its predictions (``family.split_prediction``), so any prediction type works.
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ from diffalign.objectives.base import ObjectiveOutput
 from diffalign.objectives.self_npo import (
     SelfNPOParams,
     ddim_step,
-    guided_eps,
+    guided_prediction,
     pseudo_huber,
     renoise_variance_exploding,
-    x0_from_eps,
 )
 from diffalign.training.step import expand_cond
 
@@ -36,17 +36,6 @@ class TeacherTargets:
     target: torch.Tensor  # (N, C, h, w) float32: the teacher's guided x0 prediction at t_e
 
 
-def noise_schedule(components) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """alpha_t = sqrt(alphas_cumprod), sigma_t = sqrt(1 - alphas_cumprod) (CPU float32) and T, for epsilon models."""
-    scheduler = components.noise_scheduler
-    prediction_type = scheduler.config.prediction_type
-    if prediction_type != "epsilon":
-        raise ValueError(f"objective self_npo supports epsilon-prediction models only; this model's scheduler has "
-                         f"prediction_type={prediction_type!r}")
-    alphas_cumprod = scheduler.alphas_cumprod.detach().to("cpu", torch.float64)
-    return alphas_cumprod.sqrt().float(), (1 - alphas_cumprod).sqrt().float(), scheduler.config.num_train_timesteps
-
-
 def ddim_grid(num_train_timesteps: int, grid_steps: int) -> tuple[torch.Tensor, int]:
     """The teacher's DDIM timesteps (stride - 1, 2 stride - 1, ..., grid_steps * stride - 1) and the stride."""
     if grid_steps > num_train_timesteps:
@@ -56,48 +45,50 @@ def ddim_grid(num_train_timesteps: int, grid_steps: int) -> tuple[torch.Tensor, 
     return torch.arange(1, grid_steps + 1) * stride - 1, stride
 
 
-def at(schedule: torch.Tensor, timesteps: torch.Tensor, device) -> torch.Tensor:
-    """schedule[t] shaped (N, 1, 1, 1) on ``device``."""
-    return schedule[timesteps.cpu()].to(device).view(-1, 1, 1, 1)
+def levels_at(family, components, timesteps: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha_t, sigma_t) of the family's schedule, each shaped (N, 1, 1, 1) on ``device``."""
+    alpha, sigma = family.noise_levels(components, timesteps.cpu())
+    return alpha.to(device).view(-1, 1, 1, 1), sigma.to(device).view(-1, 1, 1, 1)
 
 
-def teacher_eps(family, teacher, x: torch.Tensor, t: torch.Tensor, cond: dict, uncond: dict, w: float,
-                dtype) -> torch.Tensor:
-    """The guided epsilon cond + w (cond - uncond), float32; one batched call, one branch when w is 0 or -1."""
+def teacher_prediction(family, teacher, x: torch.Tensor, t: torch.Tensor, cond: dict, uncond: dict, w: float,
+                       dtype) -> torch.Tensor:
+    """The guided raw prediction cond + w (cond - uncond), float32; one batched call, one branch when w is 0 or -1."""
     x_in = x.to(dtype)
     if w == 0:
         return family.predict(teacher, x_in, t, cond).float()
     if w == -1:
         return family.predict(teacher, x_in, t, uncond).float()
     both = {name: torch.cat([cond[name], uncond[name]]) for name in cond}
-    eps_cond, eps_uncond = family.predict(teacher, torch.cat([x_in, x_in]), torch.cat([t, t]), both).float().chunk(2)
-    return guided_eps(eps_cond, eps_uncond, w)
+    pred_cond, pred_uncond = family.predict(teacher, torch.cat([x_in, x_in]), torch.cat([t, t]), both).float().chunk(2)
+    return guided_prediction(pred_cond, pred_uncond, w)
 
 
 @torch.no_grad()
 def teacher_targets(family, components, teacher, x0: torch.Tensor, cond: dict, uncond: dict,
                     generator: torch.Generator, device, params: SelfNPOParams) -> TeacherTargets:
     """Steps 1-2: noise x0 to t_s on the grid, run the teacher's guided DDIM steps down to t_e, predict x0 there."""
-    alphas, sigmas, num_train_timesteps = noise_schedule(components)
-    grid, stride = ddim_grid(num_train_timesteps, params.grid_steps)
+    grid, stride = ddim_grid(family.num_train_timesteps(components), params.grid_steps)
     count = x0.shape[0]
     index = torch.randint(0, params.grid_steps, (count,), generator=generator)
     noise = torch.randn(x0.shape, generator=generator).to(device)
     t_start = grid[index]
-    x = at(alphas, t_start, device) * x0.float() + at(sigmas, t_start, device) * noise
+    alpha, sigma = levels_at(family, components, t_start, device)
+    x = alpha * x0.float() + sigma * noise
     t = t_start.clone()
+    w = params.guidance_weight
     for _ in range(params.teacher_steps):
         t_prev = torch.clamp(t - stride, min=0)
         moving = t_prev < t  # samples already at t = 0 stay there
         if not moving.any():
             break
-        eps = teacher_eps(family, teacher, x, t.to(device), cond, uncond, params.guidance_weight, x0.dtype)
-        stepped = ddim_step(x, eps, at(alphas, t, device), at(sigmas, t, device),
-                            at(alphas, t_prev, device), at(sigmas, t_prev, device))
-        x = torch.where(moving.to(device).view(-1, 1, 1, 1), stepped, x)
-        t = t_prev
-    eps = teacher_eps(family, teacher, x, t.to(device), cond, uncond, params.guidance_weight, x0.dtype)
-    target = x0_from_eps(x, eps, at(alphas, t, device), at(sigmas, t, device))
+        pred = teacher_prediction(family, teacher, x, t.to(device), cond, uncond, w, x0.dtype)
+        x0_hat, eps_hat = family.split_prediction(components, pred, x, alpha, sigma)
+        alpha_prev, sigma_prev = levels_at(family, components, t_prev, device)
+        x = torch.where(moving.to(device).view(-1, 1, 1, 1), ddim_step(x0_hat, eps_hat, alpha_prev, sigma_prev), x)
+        t, alpha, sigma = t_prev, alpha_prev, sigma_prev
+    pred = teacher_prediction(family, teacher, x, t.to(device), cond, uncond, w, x0.dtype)
+    target, _ = family.split_prediction(components, pred, x, alpha, sigma)
     return TeacherTargets(t_start=t_start, t_end=t, x_prev=x, target=target)
 
 
@@ -124,18 +115,18 @@ def self_npo_step(*, family, components, model, reference, latents: torch.Tensor
         teach = teacher_targets(family, components, teacher, x0, cond, uncond, generator, device, params)
 
     # Step 3: t' uniform on the integers in (t_e, T - 1], and the variance-exploding re-noise from t_e to t'.
-    alphas, sigmas, num_train_timesteps = noise_schedule(components)
+    num_train_timesteps = family.num_train_timesteps(components)
     span = (num_train_timesteps - 1 - teach.t_end).float()
     t_student = teach.t_end + 1 + (torch.rand(count, generator=generator) * span).long()
     t_student = torch.minimum(t_student, torch.full_like(t_student, num_train_timesteps - 1))
     z = torch.randn(x0.shape, generator=generator).to(device)
-    alpha_s, sigma_s = at(alphas, t_student, device), at(sigmas, t_student, device)
-    x_student = renoise_variance_exploding(teach.x_prev, at(alphas, teach.t_end, device),
-                                           at(sigmas, teach.t_end, device), alpha_s, sigma_s, z)
+    alpha_s, sigma_s = levels_at(family, components, t_student, device)
+    alpha_e, sigma_e = levels_at(family, components, teach.t_end, device)  # t_e < t' <= T - 1: alpha_e > 0
+    x_student = renoise_variance_exploding(teach.x_prev, alpha_e, sigma_e, alpha_s, sigma_s, z)
 
     # Steps 4-5: the student's x0 at t' (the one call with gradients) against the teacher's target.
-    eps = family.predict(model, x_student.to(latents.dtype), t_student.to(device), cond).float()
-    x0_student = x0_from_eps(x_student, eps, alpha_s, sigma_s)
+    pred = family.predict(model, x_student.to(latents.dtype), t_student.to(device), cond).float()
+    x0_student, _ = family.split_prediction(components, pred, x_student, alpha_s, sigma_s)
     loss = pseudo_huber(x0_student, teach.target, params.huber_c)
     metrics = {
         "loss": loss.detach(),

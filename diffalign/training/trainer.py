@@ -105,6 +105,7 @@ def train(cfg: Config) -> TrainResult:
     with accelerator.main_process_first():
         components = load_components(cfg.model)
     family, device = components.family, accelerator.device
+    check_timesteps(family, components, cfg.train.timesteps)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     cast = {"dtype": weight_dtype} if weight_dtype != torch.float32 else {}
     for module in components.frozen_modules():
@@ -286,9 +287,19 @@ def train(cfg: Config) -> TrainResult:
         (output_dir / "run_info.json").write_text(json.dumps(run_info, indent=2))
         from diffalign.training.model_card import write_model_card
 
-        write_model_card(cfg, output_dir, run_info, base_path=components.pretrained)
+        write_model_card(cfg, output_dir, run_info, family, base_path=components.pretrained)
     accelerator.end_training()
     return result
+
+
+def check_timesteps(family, components, timestep_cfg) -> None:
+    """Fail before any work when ``train.timesteps`` does not fit this model: an interval past its schedule, or a
+    weighting its noise schedule does not define (min_snr on flow matching)."""
+    try:
+        timesteps = family.sample_timesteps(components, 1, torch.Generator().manual_seed(0), timestep_cfg)
+        family.timestep_weights(components, timesteps, timestep_cfg)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
 
 
 def reduce_metrics(accelerator, sums: dict[str, float], count: int) -> dict[str, float]:
@@ -305,7 +316,10 @@ def log_validation(accelerator, components, model, cfg, step, output_dir, render
     if not accelerator.is_main_process:
         return
     path = output_dir / "samples" / f"step-{step}.png"
-    grid = render(components, model, cfg.log, accelerator.device, path)
+    # Under mixed precision the pipeline's parts differ in dtype (bf16 denoiser and text encoders, an fp32 VAE
+    # for SDXL and SD3): autocast lets them meet, as in training.
+    with accelerator.autocast():
+        grid = render(components, model, cfg.log, accelerator.device, path)
     tracker = tracker_or_none(accelerator, "tensorboard")
     if tracker is not None:
         import numpy as np
