@@ -191,3 +191,56 @@ def test_resolution_must_tile_into_whole_patches():
     cfg.model.resolution = 36  # a multiple of the VAE factor 4, not of 4 x patch size 2
     with pytest.raises(ValueError, match="multiple of 8"):
         load_components(cfg.model)
+
+
+def test_two_dpo_steps_train_cached_and_uncached_alike_and_render_validation(tmp_path):
+    from conftest import ROOT, tiny_overrides
+
+    from diffalign.config import load_config
+    from diffalign.training.trainer import train
+
+    metrics = {}
+    for cache in ("true", "false"):
+        cfg = load_config(ROOT / "configs" / "tiny_sd3_dpo.yaml", tiny_overrides(
+            tmp_path / f"run-{cache}", **{"data.cache": cache, "data.cache_dir": str(tmp_path / "features"),
+                                          "data.prompt_dropout": 0.5, "train.max_steps": 2, "train.batch_size": 2,
+                                          "log.validation_every_n_steps": 2}))
+        result = train(cfg)
+        assert result.global_step == 2 and result.skipped_steps == 0
+        assert result.lora_path.is_file() and result.grid_path.is_file()
+        metrics[cache] = result.metrics
+    # the same batches, latents, text states (T5 included) and dropout draws either way: the same errors
+    for name in ("policy_mse_w", "policy_mse_l", "loss"):
+        assert metrics["true"][name] == pytest.approx(metrics["false"][name], rel=1e-4, abs=1e-6), name
+
+
+def test_full_fine_tune_saves_a_transformer_folder_the_pipeline_takes(tmp_path):
+    from conftest import ROOT, tiny_overrides
+    from diffusers import DiffusionPipeline, SD3Transformer2DModel
+
+    from diffalign.config import load_config
+    from diffalign.training.trainer import train
+
+    cfg = load_config(ROOT / "configs" / "tiny_sd3_dpo.yaml", tiny_overrides(
+        tmp_path / "run", **{"lora.enabled": False, "train.max_steps": 2, "train.learning_rate": 1e-3}))
+    result = train(cfg)
+    folder = result.output_dir / "transformer"
+    assert result.lora_path == folder and (folder / "config.json").is_file()
+    card = (result.output_dir / "README.md").read_text()
+    assert 'SD3Transformer2DModel.from_pretrained("' in card and "transformer=transformer" in card
+    reloaded = SD3Transformer2DModel.from_pretrained(str(folder))
+    pipe = DiffusionPipeline.from_pretrained(_base_path(cfg), transformer=reloaded)  # as the model card says
+    base = DiffusionPipeline.from_pretrained(_base_path(cfg))
+    inputs = dict(hidden_states=torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0)),
+                  timestep=torch.tensor([600.0]), encoder_hidden_states=torch.randn(1, 333, 64),
+                  pooled_projections=torch.randn(1, 64))
+    with torch.no_grad():
+        trained = result.denoiser.float()(**inputs).sample
+        torch.testing.assert_close(pipe.transformer(**inputs).sample, trained, atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(base.transformer(**inputs).sample, trained, atol=1e-4)  # it really trained
+
+
+def _base_path(cfg) -> str:
+    from diffalign.tiny import resolve_model_spec
+
+    return resolve_model_spec(cfg.model.pretrained)
