@@ -42,3 +42,23 @@ def tiny_overrides(output_dir, **extra) -> list[str]:
     }
     values.update(extra)
     return [f"{key}={value}" for key, value in values.items()]
+
+
+def assert_cached_and_uncached_train_alike(config: str, tmp_path, **extra) -> None:
+    """Two DPO steps (with a validation grid) with and without the feature cache: the same batches, latents,
+    conditioning and dropout draws either way, so the same errors."""
+    from diffalign.config import load_config
+    from diffalign.training.trainer import train
+
+    metrics = {}
+    for cache in ("true", "false"):
+        cfg = load_config(ROOT / "configs" / config, tiny_overrides(
+            tmp_path / f"run-{cache}", **{"data.cache": cache, "data.cache_dir": str(tmp_path / "features"),
+                                          "data.prompt_dropout": 0.5, "train.max_steps": 2, "train.batch_size": 2,
+                                          "log.validation_every_n_steps": 2, **extra}))
+        result = train(cfg)
+        assert result.global_step == 2 and result.skipped_steps == 0
+        assert result.lora_path.is_file() and result.grid_path.is_file()
+        metrics[cache] = result.metrics
+    for name in ("policy_mse_w", "policy_mse_l", "loss"):
+        assert metrics["true"][name] == pytest.approx(metrics["false"][name], rel=1e-4, abs=1e-6), name

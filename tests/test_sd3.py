@@ -194,24 +194,9 @@ def test_resolution_must_tile_into_whole_patches():
 
 
 def test_two_dpo_steps_train_cached_and_uncached_alike_and_render_validation(tmp_path):
-    from conftest import ROOT, tiny_overrides
+    from conftest import assert_cached_and_uncached_train_alike
 
-    from diffalign.config import load_config
-    from diffalign.training.trainer import train
-
-    metrics = {}
-    for cache in ("true", "false"):
-        cfg = load_config(ROOT / "configs" / "tiny_sd3_dpo.yaml", tiny_overrides(
-            tmp_path / f"run-{cache}", **{"data.cache": cache, "data.cache_dir": str(tmp_path / "features"),
-                                          "data.prompt_dropout": 0.5, "train.max_steps": 2, "train.batch_size": 2,
-                                          "log.validation_every_n_steps": 2}))
-        result = train(cfg)
-        assert result.global_step == 2 and result.skipped_steps == 0
-        assert result.lora_path.is_file() and result.grid_path.is_file()
-        metrics[cache] = result.metrics
-    # the same batches, latents, text states (T5 included) and dropout draws either way: the same errors
-    for name in ("policy_mse_w", "policy_mse_l", "loss"):
-        assert metrics["true"][name] == pytest.approx(metrics["false"][name], rel=1e-4, abs=1e-6), name
+    assert_cached_and_uncached_train_alike("tiny_sd3_dpo.yaml", tmp_path)  # T5 states cached too
 
 
 def test_full_fine_tune_saves_a_transformer_folder_the_pipeline_takes(tmp_path):
