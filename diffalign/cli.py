@@ -17,6 +17,14 @@ from diffalign.cli_help import (
 )
 
 
+def add_prompt_source(parser, prompts_help: str) -> None:
+    """Exactly one of --prompt, --prompts FILE or --prompt-set NAME (sample and pairs)."""
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--prompt", help="one prompt")
+    group.add_argument("--prompts", help=prompts_help)
+    group.add_argument("--prompt-set", help="a shipped prompt set (assets/prompts): shapes, everyday")
+
+
 def build_parser() -> argparse.ArgumentParser:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
@@ -61,10 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Generate images for prompts with any guidance mode.",
                                  epilog=SAMPLE_EXAMPLES, formatter_class=formatter)
     sample.add_argument("--model", default="tiny:sd15", help="hub id, diffusers folder or tiny:sd15")
-    prompts = sample.add_mutually_exclusive_group(required=True)
-    prompts.add_argument("--prompt", help="one prompt")
-    prompts.add_argument("--prompts", help="file: one prompt per line, or jsonl with a 'prompt' key")
-    prompts.add_argument("--prompt-set", help="a shipped prompt set (assets/prompts): shapes, everyday")
+    add_prompt_source(sample, "file: one prompt per line, or jsonl with a 'prompt' key")
     sample.add_argument("--lora", help="positive LoRA: run folder or .safetensors")
     sample.add_argument("--npo", help="negative LoRA (npo / self_npo run) for the unconditional branch")
     sample.add_argument("--npo-merge-weight", type=float, default=0.0, help="m in base + npo + (1-m) * lora")
@@ -101,10 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Synthetic preference pairs (AI feedback) in every format train reads.",
                                 epilog=PAIRS_EXAMPLES, formatter_class=formatter)
     pairs.add_argument("--model", default="tiny:sd15", help="hub id, diffusers folder or tiny:sd15")
-    pair_prompts = pairs.add_mutually_exclusive_group(required=True)
-    pair_prompts.add_argument("--prompt", help="one prompt")
-    pair_prompts.add_argument("--prompts", help="a prompts file, or any prompt set diffalign eval takes (parti, ...)")
-    pair_prompts.add_argument("--prompt-set", help="a shipped prompt set (assets/prompts): shapes, everyday")
+    add_prompt_source(pairs, "a prompts file, or any prompt set diffalign eval takes (parti, ...)")
     pairs.add_argument("--prompts-source", default=None, help="local copy of parti / hpsv2 (see diffalign eval -h)")
     pairs.add_argument("--limit", type=int, default=None, help="keep the first N prompts")
     pairs.add_argument("--repeat", type=int, default=1, help="use the prompt list N times (one group per entry)")

@@ -142,44 +142,36 @@ def sd15_scheduler_config() -> dict:
     )
 
 
-def build_tiny_sd15(out_dir: str | Path, seed: int = 0) -> Path:
-    """Save a tiny SD1.5-shaped StableDiffusionPipeline with random weights to ``out_dir``."""
+def save_tiny_sd_pipeline(out_dir: str | Path, seed: int, hidden_act: str, prediction_type: str,
+                          **unet_overrides) -> Path:
+    """A tiny StableDiffusionPipeline with random weights saved to ``out_dir``: the SD1.x / SD2.x shape."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    text_encoder = tiny_text_encoder(seed)
+    text_encoder = tiny_text_encoder(seed, hidden_act=hidden_act)
     pipe = StableDiffusionPipeline(
         vae=tiny_vae(seed + 1),
         text_encoder=text_encoder,
         tokenizer=build_clip_tokenizer(),
-        unet=tiny_sd15_unet(seed + 2, cross_attention_dim=text_encoder.config.hidden_size),
-        scheduler=DDIMScheduler(**sd15_scheduler_config()),
+        unet=tiny_unet(seed + 2, text_encoder.config.hidden_size, **unet_overrides),
+        scheduler=DDIMScheduler(**{**sd15_scheduler_config(), "prediction_type": prediction_type}),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.save_pretrained(str(out_dir))
     return Path(out_dir)
+
+
+def build_tiny_sd15(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny SD1.5-shaped pipeline: epsilon prediction, a quick-GELU CLIP text encoder."""
+    return save_tiny_sd_pipeline(out_dir, seed, hidden_act="quick_gelu", prediction_type="epsilon")
 
 
 def build_tiny_sd2v(out_dir: str | Path, seed: int = 0) -> Path:
     """A tiny SD2.x-768-v-shaped pipeline: v-prediction scheduler, linear-projection attention with per-block head
     counts, and a GELU text encoder (OpenCLIP's activation, as in SD2's text encoder)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    text_encoder = tiny_text_encoder(seed, hidden_act="gelu")
-    unet = tiny_unet(seed + 2, text_encoder.config.hidden_size, attention_head_dim=(2, 4), use_linear_projection=True)
-    pipe = StableDiffusionPipeline(
-        vae=tiny_vae(seed + 1),
-        text_encoder=text_encoder,
-        tokenizer=build_clip_tokenizer(),
-        unet=unet,
-        scheduler=DDIMScheduler(**{**sd15_scheduler_config(), "prediction_type": "v_prediction"}),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(str(out_dir))
-    return Path(out_dir)
+    return save_tiny_sd_pipeline(out_dir, seed, hidden_act="gelu", prediction_type="v_prediction",
+                                 attention_head_dim=(2, 4), use_linear_projection=True)
 
 
 def build_tiny_sdxl(out_dir: str | Path, seed: int = 0) -> Path:

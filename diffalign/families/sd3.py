@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from diffalign.families.base import DiffusionComponents, Family
-from diffalign.training.timesteps import resolve_density, sample_unit_levels, table_weights
+from diffalign.training.timesteps import interval_bounds, resolve_density, sample_unit_levels, table_weights
 
 T5_MAX_LENGTH = 256  # StableDiffusion3Pipeline's default max_sequence_length: train on what sampling sees
 
@@ -141,10 +141,8 @@ class StableDiffusion3Family(Family):
         """t = T sigma (float32), sigma = shift(u), u from the density; an interval [t_lo, t_hi) bounds sigma."""
         total, shift = self.num_train_timesteps(components), components.noise_scheduler.config.shift
         interval = timestep_cfg.interval if timestep_cfg is not None else None
-        low, high = (0.0, 1.0) if interval is None else (interval[0] / total, interval[1] / total)
-        if high > 1.0:
-            raise ValueError(f"train.timesteps.interval={interval} exceeds the schedule's {total} timesteps")
-        bounds = unshift_levels(torch.tensor([low, high], dtype=torch.float64), shift)
+        bounds = torch.tensor(interval_bounds(total, interval), dtype=torch.float64) / total
+        bounds = unshift_levels(bounds, shift)
         density = resolve_density(timestep_cfg, self.default_timestep_density)
         mean, std = (timestep_cfg.logit_mean, timestep_cfg.logit_std) if timestep_cfg is not None else (0.0, 1.0)
         u = sample_unit_levels(count, generator, density, float(bounds[0]), float(bounds[1]), mean, std)

@@ -17,11 +17,17 @@ from __future__ import annotations
 import torch
 
 
-def sample_discrete_timesteps(num_train_timesteps: int, count: int, generator: torch.Generator,
-                              interval: list[int] | None) -> torch.Tensor:
+def interval_bounds(num_train_timesteps: int, interval) -> tuple[int, int]:
+    """[t_lo, t_hi) of ``train.timesteps.interval`` (the whole schedule when None), refused past its end."""
     low, high = (0, num_train_timesteps) if interval is None else (int(interval[0]), int(interval[1]))
     if high > num_train_timesteps:
         raise ValueError(f"train.timesteps.interval={interval} exceeds the schedule's {num_train_timesteps} timesteps")
+    return low, high
+
+
+def sample_discrete_timesteps(num_train_timesteps: int, count: int, generator: torch.Generator,
+                              interval: list[int] | None) -> torch.Tensor:
+    low, high = interval_bounds(num_train_timesteps, interval)
     return torch.randint(low, high, (count,), generator=generator)
 
 
@@ -53,9 +59,7 @@ def sample_ddpm_timesteps(num_train_timesteps: int, count: int, generator: torch
     interval = timestep_cfg.interval if timestep_cfg is not None else None
     if density == "uniform":
         return sample_discrete_timesteps(num_train_timesteps, count, generator, interval)
-    low, high = (0, num_train_timesteps) if interval is None else (int(interval[0]), int(interval[1]))
-    if high > num_train_timesteps:
-        raise ValueError(f"train.timesteps.interval={interval} exceeds the schedule's {num_train_timesteps} timesteps")
+    low, high = interval_bounds(num_train_timesteps, interval)
     u = sample_unit_levels(count, generator, density, low / num_train_timesteps, high / num_train_timesteps,
                            timestep_cfg.logit_mean, timestep_cfg.logit_std)
     return torch.floor(u * num_train_timesteps).long().clamp(low, high - 1)
