@@ -217,6 +217,7 @@ def two_model_sample(pipe_pos, unet_neg, args, device):
 def child(args) -> None:
     import torch
     from diffusers.utils import logging as diffusers_logging
+    from safetensors.torch import save_file
 
     from diffalign.guidance.pipeline import load_pipeline
 
@@ -252,7 +253,7 @@ def child(args) -> None:
         if device == "cuda":
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - started)
-    torch.save(latents.detach().cpu(), args.latents)
+    save_file({"latents": latents.detach().cpu().contiguous()}, args.latents)
     result = {
         "param_bytes": param_bytes(*denoisers),
         "rss_loaded": rss_loaded,
@@ -278,7 +279,7 @@ def child_env() -> dict:
 
 
 def run_mode(mode: str, args, paths: dict, workdir: Path) -> dict:
-    result, latents = workdir / f"{mode}.json", workdir / f"{mode}.pt"
+    result, latents = workdir / f"{mode}.json", workdir / f"{mode}.safetensors"
     command = child_command(args, "--mode", mode, "--paths", json.dumps(paths), "--result", str(result),
                             "--latents", str(latents))
     subprocess.run(command, check=True, env=child_env())
@@ -332,7 +333,7 @@ def main() -> None:
     if args.child:
         return child(args)
 
-    import torch
+    from safetensors.torch import load_file
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -342,7 +343,7 @@ def main() -> None:
         prepare_s = time.perf_counter() - started
         paths = json.loads((workdir / "paths.json").read_text())
         rows = {mode: run_mode(mode, args, paths, workdir) for mode in MODES}
-        ours_latents, two_latents, base_latents = (torch.load(rows[m]["latents_path"])
+        ours_latents, two_latents, base_latents = (load_file(rows[m]["latents_path"])["latents"]
                                                    for m in ("ours", "two_models", "base"))
 
     baseline = rows["two_models"]

@@ -15,6 +15,7 @@ from diffalign.cli_help import (
     TINY_EXAMPLES,
     TRAIN_EXAMPLES,
 )
+from diffalign.images import PILLOW_MAX_PIXELS
 
 
 def add_prompt_source(parser, prompts_help: str) -> None:
@@ -101,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--batch-size", type=int, default=16)
     score.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     score.add_argument("--out", default="scores.csv", help="scores.csv or scores.jsonl")
+    score.add_argument("--max-image-pixels", type=pixel_limit, default=PILLOW_MAX_PIXELS, metavar="N",
+                       help="images with more pixels are error rows (default: Pillow's %(default)s; none = no limit)")
+    score.add_argument("--follow-symlinks", action="store_true",
+                       help="also score symlinks that resolve outside the --images folder (default: error rows)")
 
     pairs = commands.add_parser("pairs", help="generate preference data: k images per prompt ranked by rewards",
                                 description="Synthetic preference pairs (AI feedback) in every format train reads.",
@@ -265,6 +270,11 @@ def parse_named(values: list[str], names: list[str], what: str) -> dict[str, str
     return mapping
 
 
+def pixel_limit(text: str) -> int | None:
+    """--max-image-pixels: a number of pixels, or none (no limit)."""
+    return None if text.lower() in ("none", "null") else int(text)
+
+
 def reward_names(reward: str) -> list[str]:
     names = [name.strip() for name in reward.split(",") if name.strip()]
     if not names:
@@ -304,11 +314,13 @@ def run_score(args) -> int:
 
     names = reward_names(args.reward)
     weights = ensemble_weights(args.ensemble_weights, names)
-    rows = collect_rows(args.images, args.prompts)
+    rows = collect_rows(args.images, args.prompts, follow_symlinks=args.follow_symlinks)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     rewards = build_rewards(args.reward, args.weights, device)
-    score_rows(rows, rewards, args.batch_size)
-    add_ensemble(rows, names, weights)
+    score_rows(rows, rewards, args.batch_size, max_pixels=args.max_image_pixels)
+    left_out = add_ensemble(rows, names, weights)
+    if left_out:
+        print(left_out)
     columns = names + (["ensemble_z"] if any("ensemble_z" in row.scores for row in rows) else [])
     out = write_rows(rows, columns, args.out)
     print(summary(rows, columns))

@@ -18,6 +18,8 @@ TRAIN_EXAMPLES = """examples:
   diffalign train configs/tiny_dpo.yaml train.max_steps=20 objective.dpo.beta=2500 train.output_dir=runs/try
   diffalign train configs/toy/dpo.yaml                      # toy world: after diffalign pairs (see its --help)
   diffalign train configs/sd15_dpo.yaml train.resume=latest
+  diffalign train configs/sd15_dpo.yaml data.source=/data/HPD                         # HPDv2 train.json pairs
+  diffalign train configs/sd15_rank_dpo.yaml data.source=/data/HPD data.split=test    # HPDv2 test.json rankings
   accelerate launch --num_processes 2 scripts/train.py --config configs/sd15_dpo.yaml
 
 Overrides are dotted keys with YAML values; unknown keys are errors that name the closest valid key.
@@ -51,10 +53,13 @@ SCORE_EXAMPLES = """examples:
   diffalign score --images 'photos/*.jpg' --prompts prompts.jsonl --reward hpsv21,pickscore --out scores.jsonl
   diffalign score --images samples/dpo --reward hpsv21 --weights /models/HPS_v2.1_compressed.pt --device cuda
   diffalign score --images samples/dpo --reward clip,aesthetic --weights clip=/m/clip --weights aesthetic=/m/aes
+  diffalign score --images 'photos/**/*.jpg' --prompts prompts.jsonl --max-image-pixels 200000000 --follow-symlinks
 Prompts: --prompts FILE (one per line, matched to the sorted images; or jsonl with file_name, prompt), else the
-folder's samples.jsonl. Unreadable images and missing prompts become rows with an error; the exit code is
-non-zero only when nothing could be scored. With several rewards an ensemble_z column (mean per-prompt z-score)
-is added.
+folder's samples.jsonl. Images are scored upright (EXIF orientation applied). Unreadable images, images over
+--max-image-pixels (default Pillow's 89478485; none = no limit), symlinks that resolve outside the folder (or a
+glob's fixed folder; --follow-symlinks scores them) and missing prompts become rows with an error; the exit code
+is non-zero only when nothing could be scored. With several rewards an ensemble_z column (mean per-prompt
+z-score) is added when some prompt has two or more scored images; otherwise a line says why it was left out.
 """
 
 PAIRS_EXAMPLES = """examples:

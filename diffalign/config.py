@@ -1,6 +1,6 @@
 """Run configuration: one dataclass per YAML section, dotted command-line overrides, validation with clear errors.
 
-    cfg = load_config("configs/tiny_dpo.yaml", ["train.max_steps=20", "objective.beta=2500"])
+    cfg = load_config("configs/tiny_dpo.yaml", ["train.max_steps=20", "objective.dpo.beta=2500"])
 
 Unknown keys are errors that name the closest valid key. Objective hyperparameters live in a sub-section named
 after the objective (``objective.dpo.beta``), checked against that objective's own dataclass, so switching
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +24,35 @@ import yaml
 
 class ConfigError(ValueError):
     """A config mistake the user can fix; the message says how."""
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading every numeric literal a user writes as a number.
+
+    PyYAML implements YAML 1.1, whose floats need a dot and a signed exponent: ``5e3``, ``1e-4`` and ``1.0e12``
+    come back as strings, while YAML 1.2 and every other tool read them as floats. The one extra resolver below
+    (a mantissa with an exponent, no dot needed) fixes that; integers, ``1.5`` and the rest resolve as before.
+    Used for config files, ``base:`` files and command-line overrides alike.
+    """
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML text -> Python values with ``ConfigLoader``; a syntax error is a ``ConfigError`` naming ``where``
+    (a file, or an override) and the line and column."""
+    try:
+        return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        position = f" line {mark.line + 1}, column {mark.column + 1}:" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{where}:{position} invalid YAML: {problem}") from error
 
 
 @dataclass
@@ -37,11 +68,12 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: str = "tiny:pairs"  # hub dataset id, parquet file/dir/glob, folder with metadata.jsonl, or tiny:pairs
-    format: str = "auto"  # auto | pickapic | chosen_rejected | labelled | ranked | jsonl
+    format: str = "auto"  # auto | pickapic | chosen_rejected | labelled | ranked | jsonl | hpdv2
     split: str = "train"
     strict: bool = False  # bad records are fatal instead of skipped and counted
     drop_ties: bool = True  # Pick-a-Pic label_0 == 0.5; kept ties are trained in source order (diffusers' behaviour)
     max_samples: int | None = None
+    max_image_pixels: int | None = 89_478_485  # more: skipped and counted (Pillow default); null = no limit
     streaming: bool = False  # hub / parquet tables: read rows as they arrive instead of downloading everything first
     random_flip: bool = True  # both orientations are cached, one is picked per step
     prompt_dropout: float = 0.0  # probability of training a pair with the empty prompt (the original DPO used 0.2)
@@ -163,7 +195,8 @@ class Config:
 
     def validate(self) -> Config:
         check_choice("train.mixed_precision", self.train.mixed_precision, ["no", "bf16", "fp16"])
-        check_choice("data.format", self.data.format, ["auto", "pickapic", "chosen_rejected", "labelled", "ranked", "jsonl"])
+        check_choice("data.format", self.data.format, ["auto", "pickapic", "chosen_rejected", "labelled", "ranked", "jsonl",
+                                                       "hpdv2"])
         check_choice("data.cache_dtype", self.data.cache_dtype, ["float32", "float16", "bfloat16"])
         check_choice("log.report_to", self.log.report_to, ["tensorboard", "wandb", "none"])
         for key, value in [
@@ -240,7 +273,8 @@ def closest(name: str, candidates: typing.Iterable[str]) -> str:
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Check a YAML value against a dataclass field's type; ints are accepted where floats are expected."""
+    """Check a YAML value against a dataclass field's type. Numbers are read by ``ConfigLoader``; here ints are
+    accepted where floats are expected, integral floats (``2e3``) where ints are, and booleans never as numbers."""
     if isinstance(annotation, str):
         annotation = eval(annotation, vars(typing), {})  # noqa: S307 - our own annotations only
     origin = typing.get_origin(annotation)
@@ -264,21 +298,23 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         return [_coerce(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
     if origin is dict or annotation is Any:
         return value
-    if annotation is float and isinstance(value, int | float) and not isinstance(value, bool):
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is float:
+        if not is_number:
+            raise ConfigError(f"{key} must be a number (e.g. 5000, 5e3 or 1.0e-4), got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
         return float(value)
-    if annotation is float and isinstance(value, str):
-        try:  # YAML 1.1 reads "1e-5" as a string
-            return float(value)
-        except ValueError:
-            pass
+    if annotation is int:
+        if is_number and float(value).is_integer():
+            return int(value)
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
     if annotation is bool and not isinstance(value, bool):
         raise ConfigError(f"{key} must be true or false, got {value!r}")
-    if annotation is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(f"{key} must be an integer, got {value!r}")
     if annotation is str and not isinstance(value, str):
+        if isinstance(value, dict | list) or value is None:
+            raise ConfigError(f"{key} must be a string, got {value!r}")
         return str(value)
-    if annotation in (int, float, str, bool) and not isinstance(value, annotation):
-        raise ConfigError(f"{key} must be {annotation.__name__}, got {value!r}")
     return value
 
 
@@ -330,7 +366,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{override}': '{part}' is not a section")
-        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+        node[parts[-1]] = parse_yaml(text, f"override '{override}'") if text.strip() else None
     return raw
 
 
@@ -348,12 +384,21 @@ def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A config file, with ``base: other.yaml`` (relative to the file) merged underneath it."""
     if not path.is_file():
         raise ConfigError(f"config file {path} not found; see configs/ for examples, e.g. configs/tiny_dpo.yaml")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[: error.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line} is not UTF-8 text (byte {error.object[error.start]:#04x}); "
+                          "save the config as UTF-8") from error
+    raw = parse_yaml(text, str(path)) or {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a mapping of config sections")
+        raise ConfigError(f"{path} must hold a mapping of config sections, got {type(raw).__name__}")
     base = raw.pop("base", None)
     if base is None:
         return raw
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{path}: base must be the path of another config file (relative to this one), "
+                          f"e.g. 'base: tiny_dpo.yaml', got {base!r}")
     base_path = (path.parent / base).resolve()
     if base_path in seen:
         raise ConfigError(f"{path}: 'base: {base}' makes a cycle")

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from diffalign.images import load_image
 from diffalign.tiny_models import (  # noqa: F401  (re-exported: the tiny model builders live in tiny_models)
     MODEL_BUILDERS,
     TINY_FAMILIES,
@@ -165,8 +166,8 @@ def build_tiny_pairs(out_dir: str | Path, num_pairs: int = 64, seed: int = 0, nu
     pq.write_table(pa.table(rows), out_dir / "pairs.parquet")
     # The same pairs with toy reward scores (SmPO), images shared with jsonl/.
     scored = [
-        {**entry, "chosen_score": redness(Image.open(out_dir / "jsonl" / entry["chosen_file_name"])),
-         "rejected_score": redness(Image.open(out_dir / "jsonl" / entry["rejected_file_name"]))}
+        {**entry, "chosen_score": redness(load_image(out_dir / "jsonl" / entry["chosen_file_name"])),
+         "rejected_score": redness(load_image(out_dir / "jsonl" / entry["rejected_file_name"]))}
         for entry in metadata
     ]
     for entry in scored:

@@ -83,3 +83,86 @@ def test_base_inheritance_merges_sections(tmp_path):
     (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
     with pytest.raises(ConfigError, match="cycle"):
         load_config(tmp_path / "loop.yaml")
+
+
+# ---- issue 12.6: one value parser for files and overrides, every error one line naming the key, exit 2
+@pytest.mark.parametrize("literal, expected", [("5e3", 5000.0), ("1.0e12", 1e12), ("1e-4", 1e-4), ("2.5E+3", 2500.0),
+                                               ("5000", 5000.0), (".5e4", 5000.0), ("1_000", 1000.0)])
+def test_numeric_literals_read_alike_in_overrides_and_files(tmp_path, literal, expected):
+    from_override = load_config(None, [f"objective.dpo.beta={literal}"]).objective.selected["beta"]
+    path = tmp_path / "c.yaml"
+    path.write_text(f"objective:\n  dpo:\n    beta: {literal}\n")
+    assert from_override == load_config(path).objective.selected["beta"] == pytest.approx(expected)
+    assert isinstance(from_override, float)
+
+
+def test_integral_floats_fill_int_keys_and_fractions_do_not():
+    assert load_config(None, ["train.max_steps=2e3"]).train.max_steps == 2000
+    with pytest.raises(ConfigError, match=r"train.max_steps must be an integer, got 2.5"):
+        load_config(None, ["train.max_steps=2.5"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("objective.dpo.beta=true", "objective.dpo.beta must be a number"),
+    ("objective.dpo.beta=yes", "objective.dpo.beta must be a number"),
+    ("objective.dpo.beta=lots", "objective.dpo.beta must be a number"),
+    ("objective.dpo.beta=.nan", "objective.dpo.beta must be a finite number"),
+    ("objective.kto.beta=[1]", "objective.kto.beta must be a number"),
+    ("objective.sdpo.mu=.inf", "objective.sdpo.mu must be a finite number"),
+    ("objective.dpo.variant=[a]", "objective.dpo.variant must be a string"),
+    ("train.learning_rate=false", "train.learning_rate must be a number"),
+    ("data.strict=1", "data.strict must be true or false"),
+    ("train.output_dir=null", "train.output_dir must be a string"),
+    ("objective.dpo.beta=-1", "objective.dpo: beta must be positive"),
+])
+def test_type_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_yaml_syntax_errors_name_file_line_and_column(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("train:\n  max_steps: 3\n  seed: [1, 2\nlog:\n  every_n_steps: 1\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml: line \d+, column \d+: invalid YAML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"override 'train.seed=\[1,'.*invalid YAML"):
+        load_config(None, ["train.seed=[1,"])
+    (tmp_path / "latin1.yaml").write_bytes(b"train:\n  output_dir: runs/caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"latin1.yaml: line 2 is not UTF-8 text \(byte 0xe9\)"):
+        load_config(tmp_path / "latin1.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping of config sections, got list"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_bad_base_is_a_config_error(tmp_path):
+    (tmp_path / "c.yaml").write_text("base: 5\n")
+    with pytest.raises(ConfigError, match=r"base must be the path of another config file.*got 5"):
+        load_config(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize("content, overrides, message", [
+    ("base: 5\n", [], "base must be the path"),
+    ("train: {max_steps: [\n", [], "invalid YAML"),
+    ("train: {}\n", ["objective.dpo.beta=true"], "objective.dpo.beta must be a number"),
+])
+def test_cli_config_errors_are_one_line_with_exit_2(tmp_path, capsys, content, overrides, message):
+    from diffalign.cli import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text(content)
+    assert main(["train", str(path), *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_segments_files_are_read_by_the_same_parser(tmp_path):
+    from diffalign.guidance.segments import parse_segments
+
+    path = tmp_path / "segments.yaml"
+    path.write_text("segments:\n  - lora: a.safetensors\n    interval: [0, 5e2]\n  - {lora: b\n")
+    with pytest.raises(ConfigError, match=r"segments.yaml: line \d+, column \d+: invalid YAML"):
+        parse_segments(path)
+    path.write_bytes(b"segments:\n  - lora: caf\xe9\n    interval: [0, 500]\n")
+    with pytest.raises(ValueError, match=r"line 2 of .*segments.yaml is not UTF-8 \(byte 0xe9 at column 14\)"):
+        parse_segments(path)

@@ -131,7 +131,9 @@ def test_jsonl_first_valid_line_decides_the_kind(tmp_path):
                          lines=["[1, 2]"])
     records, report = read_preferences(DataConfig(), str(folder))
     assert [r.index for r in records] == [0, 3]
-    assert report.skipped == {"missing_field": 4}
+    assert report.skipped == {"missing_field": 3, "bad_json": 1}  # a JSON list is a bad line, not a missing field
+    assert "line 6 of" in report.examples["bad_json"][0] and "a list of 2, not a JSON object" in \
+        report.examples["bad_json"][0]
     assert "is a pair entry, but the first entry made this a file of labelled entries" in \
         report.examples["missing_field"][0]
     assert "lacks ['file_name', 'label']" in report.examples["missing_field"][2]

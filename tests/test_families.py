@@ -99,13 +99,14 @@ def test_dpo_lowers_its_loss_on_a_fixed_batch(family_model, tiny_data_path):
 RELOAD_SCRIPT = """
 import sys, torch
 from diffusers import DiffusionPipeline
+from safetensors.torch import save_file
 base, run, out = sys.argv[1:4]
 pipe = DiffusionPipeline.from_pretrained(base)
 pipe.load_lora_weights(run)
 pipe.set_progress_bar_config(disable=True)
 latents = pipe("a red square", num_inference_steps=3, guidance_scale=4.0, output_type="latent",
                generator=torch.Generator().manual_seed(0)).images
-torch.save({"latents": latents, "pipeline": type(pipe).__name__}, out)
+save_file({"latents": latents.contiguous()}, out, metadata={"pipeline": type(pipe).__name__})
 """
 
 
@@ -127,10 +128,13 @@ def test_trained_lora_reloads_in_the_stock_pipeline_in_a_fresh_process(family_mo
     base.set_progress_bar_config(disable=True)
     script = tmp_path / "reload.py"
     script.write_text(RELOAD_SCRIPT)
-    out = tmp_path / "reloaded.pt"
+    out = tmp_path / "reloaded.safetensors"
     subprocess.run([sys.executable, str(script), path, str(result.output_dir), str(out)], check=True,
                    capture_output=True)
-    reloaded = torch.load(out)
+    from safetensors import safe_open
+
+    with safe_open(str(out), framework="pt") as handle:
+        reloaded = {"latents": handle.get_tensor("latents"), **handle.metadata()}
     assert reloaded["pipeline"] == type(pipe).__name__
     torch.testing.assert_close(reloaded["latents"], trained, atol=1e-4, rtol=1e-4)
     untouched = base("a red square", num_inference_steps=3, guidance_scale=4.0, output_type="latent",

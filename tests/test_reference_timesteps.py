@@ -45,9 +45,12 @@ def test_lora_ema_averages_trainable_weights_and_swaps_them_in_only_for_the_pass
         policy[1].weight.add_(2.0)
     reference.update(policy, step=1)
     torch.testing.assert_close(reference.shadow["1.weight"], before + 1.0)  # 0.5 * w0 + 0.5 * (w0 + 2)
+    x = torch.randn(5, 3)
     with reference.model_for_pass(policy) as model:
-        torch.testing.assert_close(model[1].weight, before + 1.0)
-    torch.testing.assert_close(policy[1].weight, before + 2.0)  # restored after the pass
+        expected = torch.nn.functional.linear(policy[0](x), before + 1.0, reference.shadow["1.bias"])
+        torch.testing.assert_close(model(x), expected)  # the pass sees the EMA weights...
+        torch.testing.assert_close(policy[1].weight, before + 2.0)  # ...without writing them into the policy
+    torch.testing.assert_close(policy[1].weight, before + 2.0)
     assert set(reference.shadow) == {"1.weight", "1.bias"}
 
 
@@ -162,11 +165,12 @@ def test_weights_multiply_policy_and_reference_errors(tiny_model_path):
 FULL_RELOAD = textwrap.dedent("""
     import sys, torch
     from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
     unet = UNet2DConditionModel.from_pretrained(sys.argv[1])
     torch.manual_seed(0)
     x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10, 700]), torch.randn(2, 77, 32)
     with torch.no_grad():
-        torch.save(unet(x, t, encoder_hidden_states=ctx).sample, sys.argv[2])
+        save_file({"sample": unet(x, t, encoder_hidden_states=ctx).sample.contiguous()}, sys.argv[2])
 """)
 
 
@@ -180,18 +184,20 @@ def test_full_fine_tune_saves_unet_folder_that_reloads(tmp_path, tiny_model_path
     result = train(cfg)
     unet_dir = result.output_dir / "unet"
     assert (unet_dir / "config.json").is_file() and not (result.output_dir / "pytorch_lora_weights.safetensors").exists()
-    script, out = tmp_path / "reload.py", tmp_path / "out.pt"
+    script, out = tmp_path / "reload.py", tmp_path / "out.safetensors"
     script.write_text(FULL_RELOAD)
     subprocess.run([sys.executable, str(script), str(unet_dir), str(out)], check=True, capture_output=True)
-    base_out = tmp_path / "base.pt"
+    base_out = tmp_path / "base.safetensors"
     subprocess.run([sys.executable, str(script), str(tiny_model_path) + "/unet", str(base_out)], check=True,
                    capture_output=True)
     torch.manual_seed(0)
     x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10, 700]), torch.randn(2, 77, 32)
     with torch.no_grad():
         trained = result.denoiser(x, t, encoder_hidden_states=ctx).sample
-    torch.testing.assert_close(torch.load(out), trained, atol=1e-5, rtol=1e-4)
-    assert not torch.allclose(torch.load(base_out), trained, atol=1e-4)  # it really trained the whole network
+    from safetensors.torch import load_file
+
+    torch.testing.assert_close(load_file(str(out))["sample"], trained, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(load_file(str(base_out))["sample"], trained, atol=1e-4)  # it really trained the whole network
 
 
 @pytest.mark.parametrize("objective, forwards", [("mapo", 1), ("sft", 1), ("dpo", 2), ("kto", 2)])

@@ -3,6 +3,7 @@
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,3 +114,94 @@ def test_unloadable_reward_is_a_one_line_error(tmp_path, sampled, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "could not load reward 'hpsv21'" in err and "--weights hpsv21=PATH" in err
+
+
+def score_folder(folder, prompts: list[str], tiny_rewards, *extra, reward="clip"):
+    """Run diffalign score on ``folder`` (a folder or glob; prompts matched to the sorted files), writing beside
+    it; (exit code, rows by file name relative to the folder)."""
+    base = Path(str(folder).split("*")[0])  # the folder, or a glob's part before its first wildcard
+    (base.parent / "prompts.txt").write_text("".join(prompt + "\n" for prompt in prompts))
+    out = base.parent / "scores.jsonl"
+    out.unlink(missing_ok=True)
+    weights = [f"--weights={name}={tiny_rewards[name]}" for name in reward.split(",")]
+    code = main(["score", "--images", str(folder), "--prompts", str(base.parent / "prompts.txt"), "--reward", reward,
+                 *weights, "--out", str(out), *extra])
+    rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    return code, {Path(row["file"]).relative_to(base).as_posix(): row for row in rows}
+
+
+def test_score_rates_oriented_images_upright(tmp_path, tiny_rewards):
+    from diffusers.utils import load_image as diffusers_load_image
+    from test_images import oriented
+
+    from diffalign.rewards import build_reward
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "a_oriented.jpg").write_bytes(oriented(6))  # stored 64x32, EXIF orientation 6: upright 32x64
+    diffusers_load_image(str(folder / "a_oriented.jpg")).save(folder / "b_upright.png")  # the same pixels, upright
+    code, rows = score_folder(folder, ["a red corner"] * 2, tiny_rewards)
+    assert code == 0 and [row["error"] for row in rows.values()] == [None, None]
+    assert rows["a_oriented.jpg"]["clip"] == pytest.approx(rows["b_upright.png"]["clip"], abs=1e-5)
+    sideways = Image.open(folder / "a_oriented.jpg").convert("RGB")  # what was scored before: 64x32
+    score = build_reward("clip", weights=str(tiny_rewards["clip"])).score([sideways], ["a red corner"]).item()
+    assert abs(score - rows["b_upright.png"]["clip"]) > 1e-4  # so the equality above says something
+
+
+def test_score_pixel_limit_gives_error_rows_that_name_the_flag(tmp_path, tiny_rewards):
+    from test_images import bomb_png
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "a_bomb.png").write_bytes(bomb_png())  # 9500x9500, 1-bit: 11 KB
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(folder / "b_mid.png")
+    Image.new("RGB", (20, 20), (30, 30, 200)).save(folder / "c_small.png")
+    code, rows = score_folder(folder, ["a", "b", "c"], tiny_rewards, "--max-image-pixels", "1000")
+    assert code == 0 and rows["c_small.png"]["error"] is None
+    assert rows["b_mid.png"]["error"] == (
+        "image too large: 40x40 = 1600 pixels is over the 1000-pixel limit (Pillow's decompression-bomb guard); "
+        "raise it with data.max_image_pixels=N (diffalign score: --max-image-pixels N)")
+    code, rows = score_folder(folder, ["a", "b", "c"], tiny_rewards)  # the default: Pillow's limit
+    assert code == 0 and [rows[name]["error"] is None for name in sorted(rows)] == [False, True, True]
+    assert "9500x9500 = 90250000 pixels is over the 89478485-pixel limit" in rows["a_bomb.png"]["error"]
+
+
+def test_symlinks_out_of_the_folder_are_error_rows_unless_followed(tmp_path, tiny_rewards, capsys):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(outside / "secret.png")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (32, 32), (30, 30, 200)).save(folder / "a.png")
+    (folder / "b_inside.png").symlink_to("a.png")  # stays inside: fine
+    (folder / "c_outside.png").symlink_to(outside / "secret.png")
+    (folder / "sub").symlink_to(outside, target_is_directory=True)  # a recursive glob walks into it
+    secret = (outside / "secret.png").resolve()
+    cases = [(folder, "", ["a.png", "b_inside.png", "c_outside.png"]),
+             (folder / "*.png", "", ["a.png", "b_inside.png", "c_outside.png"]),
+             (folder / "**" / "*.png", "sub/secret.png", ["a.png", "b_inside.png", "c_outside.png", "sub/secret.png"])]
+    for images, extra_outside, names in cases:
+        code, rows = score_folder(images, ["p"] * len(names), tiny_rewards)
+        assert code == 0 and sorted(rows) == names
+        errors = {name: row["error"] for name, row in rows.items() if row["error"]}
+        assert set(errors) == {"c_outside.png", *([extra_outside] if extra_outside else [])}
+        assert errors["c_outside.png"] == f"symlink to {secret} outside {folder}; pass --follow-symlinks to score it"
+        assert f"{len(errors)} of {len(names)} rows not scored" in capsys.readouterr().out
+        code, rows = score_folder(images, ["p"] * len(names), tiny_rewards, "--follow-symlinks")
+        assert code == 0 and all(row["error"] is None for row in rows.values())
+        assert rows["c_outside.png"]["clip"] != rows["a.png"]["clip"] == rows["b_inside.png"]["clip"]
+
+
+def test_ensemble_z_is_written_only_when_a_prompt_has_two_scored_images(tmp_path, tiny_rewards, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index, colour in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200), (120, 120, 20)]):
+        Image.new("RGB", (32, 32), colour).save(folder / f"{index}.png")
+    code, rows = score_folder(folder, ["one", "two", "three", "four"], tiny_rewards, reward="clip,aesthetic")
+    assert code == 0 and all("ensemble_z" not in row for row in rows.values())
+    assert ("ensemble_z left out: it z-scores rewards within each prompt, and no prompt has two or more scored "
+            "images") in capsys.readouterr().out
+    code, rows = score_folder(folder, ["same", "same", "same", "other"], tiny_rewards, reward="clip,aesthetic")
+    assert code == 0 and "left out" not in capsys.readouterr().out
+    z = [rows[f"{index}.png"]["ensemble_z"] for index in range(4)]
+    assert z[3] == 0.0 and abs(sum(z[:3])) < 1e-5 and max(abs(value) for value in z[:3]) > 0.1

@@ -24,6 +24,7 @@ def tiny_cfg(tmp_path, name="run", **extra):
 RELOAD_SCRIPT = textwrap.dedent("""
     import sys, torch
     from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
     base, lora_dir, kohya_file, out = sys.argv[1:5]
     torch.manual_seed(0)
     x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10, 700]), torch.randn(2, 77, 32)
@@ -36,7 +37,7 @@ RELOAD_SCRIPT = textwrap.dedent("""
     pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
     with torch.no_grad():
         results["base"] = pipe.unet(x, t, encoder_hidden_states=ctx).sample
-    torch.save(results, out)
+    save_file({k: v.contiguous() for k, v in results.items()}, out)
 """)
 
 
@@ -63,12 +64,12 @@ def test_train_writes_run_folder_and_lora_reloads_in_fresh_process(tmp_path, tin
     alphas = {v.item() for k, v in kohya_state.items() if k.endswith(".alpha")}
     assert alphas == {12.0}  # the real alpha, not the rank
 
-    out = tmp_path / "reload.pt"
+    out = tmp_path / "reload.safetensors"
     script = tmp_path / "reload.py"
     script.write_text(RELOAD_SCRIPT)
     subprocess.run([sys.executable, str(script), tiny_model_path, str(run), str(kohya), str(out)], check=True,
                    capture_output=True)
-    reloaded = torch.load(out)
+    reloaded = load_file(str(out))
     torch.manual_seed(0)
     x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10, 700]), torch.randn(2, 77, 32)
     with torch.no_grad():
@@ -135,7 +136,7 @@ def test_single_nonfinite_loss_skips_the_step_and_continues(tmp_path):
 def test_repeated_nonfinite_losses_stop_and_keep_last_good_checkpoint(tmp_path):
     flaky_objective(nan_calls={4, 5, 6})
     cfg = tiny_cfg(tmp_path, **{"objective.name": "flaky_dpo", "train.max_consecutive_nonfinite": 2})
-    with pytest.raises(TrainingStopped, match="2 non-finite losses in a row"):
+    with pytest.raises(TrainingStopped, match="2 steps in a row skipped for a non-finite loss"):
         train(cfg)
     run = tmp_path / "run"
     assert (run / "checkpoint-3").is_dir()

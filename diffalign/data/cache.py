@@ -3,10 +3,11 @@
 Layout under ``data.cache_dir`` (default ``$DIFFALIGN_CACHE/features``)::
 
     <model fingerprint>/text/ab/<sha1(prompt)>.safetensors                     conditioning tensors
-    <model fingerprint>/latents-<res>px-centercrop-<dtype>/cd/<sha1(image)>.safetensors   both orientations
+    <model fingerprint>/latents-<res>px-centercrop-upright-<dtype>/cd/<sha1(image)>.safetensors   both flips
 
 A latent file holds ``latents`` and ``latents_flipped``; for families that condition on image sizes (SDXL) also
-``image_size`` = (orig_h, orig_w, crop_top, crop_left) of the crop it was encoded from.
+``image_size`` = (orig_h, orig_w, crop_top, crop_left) of the crop it was encoded from. Images are encoded
+upright (EXIF orientation applied, ``diffalign.images.load_image``), so sizes are the upright ones.
 
 The model fingerprint covers the checkpoint id or folder (with its weight files' sizes and times), revision,
 variant and family; the image key is the hash of the encoded image bytes. A second run, a second epoch or a
@@ -73,7 +74,11 @@ class FeatureCache:
 
     @property
     def latent_dir(self) -> Path:
-        return self.root / f"latents-{self.resolution}px-centercrop-{str(self.dtype).removeprefix('torch.')}"
+        # "-upright": images are decoded with their EXIF orientation applied since issue 12. Entries are keyed by
+        # the image bytes, which did not change, so latents encoded sideways before would be silently reused;
+        # the new folder name makes every image be encoded again, upright.
+        dtype = str(self.dtype).removeprefix("torch.")
+        return self.root / f"latents-{self.resolution}px-centercrop-upright-{dtype}"
 
     def latent_path(self, key: str) -> Path:
         return self.latent_dir / key[:2] / f"{key}.safetensors"

@@ -11,7 +11,14 @@ A line's keys make it one of four kinds (``readers.JSONL_KINDS``):
 
 The first JSON object decides the file's kind; one that matches no kind means a wrong file and raises the schema
 error. Later lines of another kind, or lacking keys, are skipped as ``missing_field``. Values are checked by
-``readers.make_record``.
+``readers.make_record`` (a prompt that is null or blank is ``empty_prompt``; a number, list or object, or text
+with a NUL or a lone surrogate, is ``bad_text``).
+
+Text: the file is read line by line and each line decoded strictly as UTF-8 (``diffalign.text.text_lines``; a
+byte-order mark is dropped). A line that is not UTF-8 or holds a NUL byte is skipped as ``bad_text``, naming the
+line and byte ("line 3 of /x/metadata.jsonl is not UTF-8 (byte 0xff at column 12)"); a line that is not JSON is
+``bad_json``, and one that is JSON but not an object (a list, a string, a number) is ``bad_json`` too. Under
+``data.strict=true`` each of these is fatal, like any skip.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from typing import Any
 from diffalign.config import DataConfig
 from diffalign.data.readers import EXPECTED_SOURCES, JSONL_KINDS, PAIR_SCORES, Row, schema_error
 from diffalign.data.records import DataError, SkipReport
+from diffalign.text import describe_value, text_lines, text_problem
 
 
 def jsonl_metadata_path(source: str) -> Path | None:
@@ -61,41 +69,47 @@ def line_kind(entry: dict, preferred: str | None) -> str | None:
 def parse_jsonl(source: str, metadata: Path, cfg: DataConfig, report: SkipReport,
                 required: str | None = None) -> Iterator[Row]:
     file_kind = None
-    with open(metadata, encoding="utf-8") as handle:
-        for index, line in enumerate(handle):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as error:
-                report.skip("bad_json", index, f"line {index + 1} of {metadata}: {error}", cfg.strict)
-                continue
-            entry = entry if isinstance(entry, dict) else {}
-            kind = line_kind(entry, file_kind or required)
-            if file_kind is None:  # the first object decides: a wrong file, not one bad line
-                if kind is None:
-                    raise schema_error(source, list(entry), f"metadata.jsonl keys (line {index + 1})")
-                if required is not None and kind != required:
-                    raise DataError(f"data.source={source}: data.format={required} needs metadata.jsonl lines with "
-                                    f"{', '.join(JSONL_KINDS[required])}, but line {index + 1} is a {kind} entry "
-                                    f"with {list(entry)}; set data.format=jsonl (or auto) to read it as {kind}")
-                file_kind = kind
-            if kind != file_kind:
-                missing = [key for key in JSONL_KINDS[file_kind] if key not in entry]
-                partial = kind is None or set(JSONL_KINDS[kind]) < set(JSONL_KINDS[file_kind])  # caption < labelled
-                detail = (f"line {index + 1} lacks {missing}" if partial else
-                          f"line {index + 1} is a {kind} entry, but the first entry made this a file of "
-                          f"{file_kind} entries (one metadata.jsonl holds one kind)")
-                report.skip("missing_field", index, detail, cfg.strict)
-                continue
-            row = entry_row(index, kind, entry, metadata.parent, cfg, report)
-            if row is not None:
-                yield row
+    for number, text, problem in text_lines(metadata):
+        index = number - 1
+        if problem is not None:
+            report.skip("bad_text", index, problem, cfg.strict)
+            continue
+        if not text.strip():
+            continue
+        try:
+            entry = json.loads(text)
+        except json.JSONDecodeError as error:
+            report.skip("bad_json", index, f"line {number} of {metadata}: {error}", cfg.strict)
+            continue
+        if not isinstance(entry, dict):
+            report.skip("bad_json", index, f"line {number} of {metadata} is {describe_value(entry)}, not a JSON "
+                        "object (one object per line)", cfg.strict)
+            continue
+        kind = line_kind(entry, file_kind or required)
+        if file_kind is None:  # the first object decides: a wrong file, not one bad line
+            if kind is None:
+                raise schema_error(source, list(entry), f"metadata.jsonl keys (line {index + 1})")
+            if required is not None and kind != required:
+                raise DataError(f"data.source={source}: data.format={required} needs metadata.jsonl lines with "
+                                f"{', '.join(JSONL_KINDS[required])}, but line {index + 1} is a {kind} entry "
+                                f"with {list(entry)}; set data.format=jsonl (or auto) to read it as {kind}")
+            file_kind = kind
+        if kind != file_kind:
+            missing = [key for key in JSONL_KINDS[file_kind] if key not in entry]
+            partial = kind is None or set(JSONL_KINDS[kind]) < set(JSONL_KINDS[file_kind])  # caption < labelled
+            detail = (f"line {index + 1} lacks {missing}" if partial else
+                      f"line {index + 1} is a {kind} entry, but the first entry made this a file of "
+                      f"{file_kind} entries (one metadata.jsonl holds one kind)")
+            report.skip("missing_field", index, detail, cfg.strict)
+            continue
+        row = entry_row(index, kind, entry, metadata.parent, cfg, report)
+        if row is not None:
+            yield row._replace(origin=f"line {number} of {metadata}")
 
 
 def entry_row(index: int, kind: str, entry: dict, folder: Path, cfg: DataConfig, report: SkipReport) -> Row | None:
-    def file(name: Any) -> Path | None:
-        return folder / name if isinstance(name, str) and name else None
+    def file(name: Any) -> Path | None:  # None (an empty image cell) for a name that is not clean text
+        return folder / name if isinstance(name, str) and name and text_problem(name) is None else None
 
     if kind == "pair":
         present = [key for key in PAIR_SCORES if key in entry]

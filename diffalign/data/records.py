@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import io
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
+
+from diffalign.images import load_image
 
 # An image is either encoded bytes (parquet / hub data) or a path to a file (local folders).
 ImageSource = bytes | Path
@@ -62,28 +63,11 @@ class SkipReport:
         return "\n".join(lines)
 
 
-def open_image(source: ImageSource) -> Image.Image:
-    """Decode an image fully (so truncated files fail here, not later) and return it as RGB."""
-    if isinstance(source, bytes | bytearray):
-        image = Image.open(io.BytesIO(source))
-    else:
-        image = Image.open(source)
-    image.load()
-    return to_rgb(image)
+def open_image(source: ImageSource, max_pixels: int | None = None) -> Image.Image:
+    """Decode a record's image fully, upright and in RGB (``diffalign.images.load_image``, the one decoder).
 
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB conversion that composites transparency on white and rescales 16-bit modes instead of clipping."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        import numpy as np
-
-        array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if array.max() > 255 else 255.0
-        return Image.fromarray((array / peak * 255).round().astype("uint8")).convert("RGB")
-    return image.convert("RGB")
+    No pixel limit by default: the readers already checked every kept image against ``data.max_image_pixels``,
+    so the cache and the uncached dataset, which decode it again, never fail on a limit the user raised.
+    Raises what ``load_image`` raises (``ImageTooLarge`` over ``max_pixels``, Pillow's errors for bad data).
+    """
+    return load_image(source, max_pixels=max_pixels)

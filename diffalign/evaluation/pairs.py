@@ -35,6 +35,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from diffalign.text import read_text, text_lines
+
 VIEWS = ("pairs", "scored", "ranked", "kto")
 SELECTIONS = ("best_worst", "all")
 # Only these change the images and scores in groups.jsonl, so only these must match when a run is resumed.
@@ -189,21 +191,23 @@ def config_differences(old: dict, new: dict) -> list[str]:
 
 
 def read_groups(path: Path) -> list[Group]:
-    """Finished groups; a truncated last line (a run killed while writing) is dropped, any other bad line is an error."""
+    """Finished groups; a truncated last line (a run killed while writing) is dropped, any other bad line (not
+    UTF-8, not JSON, not a group) is a ``ValueError`` naming the line. Read line by line (``text_lines``)."""
     if not path.is_file():
         return []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    groups = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
+    groups, pending = [], None  # pending: the error of the previous bad line, fatal unless it was the last one
+    for number, text, problem in text_lines(path):
+        if problem is None and not text.strip():
             continue
+        if pending is not None:
+            raise pending
         try:
-            groups.append(Group(**json.loads(line)))
-        except (json.JSONDecodeError, TypeError) as error:
-            if number == len(lines):
-                break
-            raise ValueError(f"{path} line {number} is not a group record ({error}); delete the folder or pass "
-                             "overwrite=True (--overwrite) to start again") from error
+            if problem is not None:
+                raise ValueError(problem.removeprefix(f"line {number} of {path} ").removeprefix("is "))
+            groups.append(Group(**json.loads(text)))
+        except (ValueError, TypeError) as error:  # JSONDecodeError is a ValueError
+            pending = ValueError(f"{path} line {number} is not a group record ({error}); delete the folder or pass "
+                                 "overwrite=True (--overwrite) to start again")
     return groups
 
 
@@ -219,7 +223,12 @@ def prepare_folder(out_dir: Path, config: dict, overwrite: bool) -> dict[int, Gr
     config_path, log_path = out_dir / "pairs_config.json", out_dir / "groups.jsonl"
     done: dict[int, Group] = {}
     if config_path.is_file():
-        differences = config_differences(json.loads(config_path.read_text()), config)
+        try:
+            old_config = json.loads(read_text(config_path))
+        except ValueError as error:  # not UTF-8 (TextError) or not JSON: cannot tell whether the configs match
+            raise ValueError(f"{config_path} cannot be read ({error}); delete the folder or pass overwrite=True "
+                             "(--overwrite) to start again") from None
+        differences = config_differences(old_config if isinstance(old_config, dict) else {}, config)
         if differences:
             raise ValueError(f"{out_dir} holds pairs generated with another config ({'; '.join(differences)}); "
                              "pick a new output folder, or pass overwrite=True (--overwrite) to replace them")
@@ -367,13 +376,12 @@ def reward_means(groups: list[Group]) -> dict[str, float]:
 def write_grid(groups: list[Group], settings: PairSettings, out_dir: Path) -> Path:
     """First groups as rows, k columns, each image captioned with its combined score; green = chosen, red =
     rejected (best vs worst)."""
-    from PIL import Image
-
     from diffalign.evaluation.plots import labelled_grid
+    from diffalign.images import load_image
 
     rows, borders = [], []
-    for group in groups:
-        rows.append([Image.open(out_dir / name) for name in group.file_names])
+    for group in groups:  # images this command wrote: no pixel limit
+        rows.append([load_image(out_dir / name, max_pixels=None) for name in group.file_names])
         row_borders: list[str | None] = [None] * len(group.file_names)
         for chosen, rejected in select_pairs(group.combined, "best_worst", settings.margin):
             row_borders[chosen], row_borders[rejected] = "green", "red"

@@ -13,6 +13,11 @@ Formats, as published:
 - HPSv2 benchmark: ``benchmark/{anime,concept-art,paintings,photo}.json``, each a JSON list of prompt strings (800
   each). ``hpsv2`` without a style is all four, in that order.
 
+Text: .txt / .jsonl files are read by ``diffalign.guidance.sample.read_prompts`` (line by line, strictly UTF-8; bad
+lines are skipped and reported in one printed line). A benchmark file that is not UTF-8 or not JSON is a one-line
+``ValueError`` naming the file and line (a JSON document cannot be half read); entries of its list that are not
+usable text (a number, null, a NUL or undecodable character) are skipped and reported like bad lines.
+
 ``limit`` keeps the first N prompts (after any category / style filter), so a limited set is deterministic.
 """
 
@@ -20,6 +25,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from diffalign.text import LineSkips, describe_value, json_problem, read_text, text_lines, text_problem
 
 PARTI_REPO = "nateraw/parti-prompts"
 HPSV2_REPO = "zhwang/HPDv2"
@@ -66,13 +73,26 @@ def parti_prompts(category: str | None = None, source: str | Path | None = None)
         raise ValueError(f"the PartiPrompts table from {source or PARTI_REPO} lacks the column(s) {missing}; it has "
                          f"{table.column_names}. Expected the published columns Prompt, Category, Challenge, Note")
     prompts, categories = table["Prompt"], table["Category"]
+    wanted = None
     if category is not None:
         wanted = normalise(category)
         available = sorted({str(c) for c in categories if c})
         if wanted not in {normalise(c) for c in available}:
             raise ValueError(f"no PartiPrompts category '{category}'; categories: {', '.join(available)}")
-        prompts = [p for p, c in zip(prompts, categories) if c and normalise(c) == wanted]
-    prompts = [p.strip() for p in prompts if isinstance(p, str) and p.strip()]
+    kept, skips = [], LineSkips()
+    for row, (prompt, row_category) in enumerate(zip(prompts, categories)):
+        if wanted is not None and not (row_category and normalise(row_category) == wanted):
+            continue
+        problem = None if prompt is None else text_problem(prompt)
+        if problem is not None:
+            skips.add("bad_text", f"row {row} of {source or PARTI_REPO}: {problem}")
+        elif prompt is None or not prompt.strip():
+            skips.add("empty_prompt", f"row {row} of {source or PARTI_REPO}: the prompt is empty")
+        else:
+            kept.append(prompt.strip())
+    prompts = kept
+    if summary := skips.summary(f"PartiPrompts from {source or PARTI_REPO}", len(prompts)):
+        print(summary)
     if not prompts:
         raise ValueError(f"the PartiPrompts table from {source or PARTI_REPO} holds no prompts")
     return prompts
@@ -105,6 +125,10 @@ def load_parti_table(source: str | Path | None):
                                 "jsonl with columns Prompt and Category), or a folder holding it")
     if path.suffix not in PARTI_SUFFIXES:
         raise ValueError(f"PartiPrompts source {path}: expected one of {', '.join(PARTI_SUFFIXES)}")
+    if path.suffix != ".parquet":  # text tables: name the first line that is not UTF-8 before datasets reads it
+        for line in text_lines(path):
+            if line.problem is not None:
+                raise ValueError(f"PartiPrompts source {line.problem}; save it as UTF-8 text")
     options = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
     return datasets.load_dataset(PARTI_SUFFIXES[path.suffix], data_files=str(path), split="train", **options)
 
@@ -117,10 +141,26 @@ def hpsv2_prompts(style: str | None = None, source: str | Path | None = None) ->
     prompts = []
     for name in [style] if style else HPSV2_STYLES:
         path = hpsv2_file(name, source)
-        values = json.loads(Path(path).read_text(encoding="utf-8"))
-        if not isinstance(values, list) or not all(isinstance(value, str) for value in values):
-            raise ValueError(f"{path}: expected a JSON list of prompt strings (the HPSv2 benchmark format)")
-        prompts += [value.strip() for value in values if value.strip()]
+        try:
+            values = json.loads(read_text(path))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON ({json_problem(error)}); expected a JSON list of prompt "
+                             "strings (the HPSv2 benchmark format)") from None
+        if not isinstance(values, list):
+            raise ValueError(f"{path}: expected a JSON list of prompt strings (the HPSv2 benchmark format), found "
+                             f"{describe_value(values)}")
+        skips, kept = LineSkips(), 0
+        for position, value in enumerate(values):
+            problem = text_problem(value)
+            if problem is not None:
+                skips.add("bad_text", f"entry {position} of {path}: {problem}")
+            elif not value.strip():
+                skips.add("empty_prompt", f"entry {position} of {path}: the prompt is blank")
+            else:
+                prompts.append(value.strip())
+                kept += 1
+        if summary := skips.summary(f"prompts from {path}", kept):
+            print(summary)
     return prompts
 
 

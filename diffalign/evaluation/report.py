@@ -225,16 +225,18 @@ def run_eval(base: str, setups: dict[str, dict], prompts: list[str], rewards: di
 def write_setup_grid(rows: list[dict], setups: list[str], reward: str, out_dir: Path) -> Path:
     """Rows = one image per prompt, round-robin over prompts (one prompt and seed per row), columns = setups, each
     captioned with ``reward``."""
-    from PIL import Image
-
     from diffalign.evaluation.plots import labelled_grid
+    from diffalign.images import load_image
 
     def spread(row: dict) -> tuple[int, int]:  # first image of every prompt, then the second, ...
         return row["image_index"], row["prompt_index"]
 
+    def read(row: dict):  # an image this command wrote: no pixel limit
+        return load_image(out_dir / row["file"], max_pixels=None)
+
     by_setup = {name: sorted((row for row in rows if row["setup"] == name), key=spread)[:GRID_ROWS] for name in setups}
     firsts = by_setup[setups[0]]
-    grid = labelled_grid([[Image.open(out_dir / by_setup[name][i]["file"]) for name in setups] for i in range(len(firsts))],
+    grid = labelled_grid([[read(by_setup[name][i]) for name in setups] for i in range(len(firsts))],
                          row_labels=[f"{row['prompt']} (seed {row['seed']})" for row in firsts],
                          cell_labels=[[f"{reward} {by_setup[name][i][reward]:.4g}" for name in setups]
                                       for i in range(len(firsts))],

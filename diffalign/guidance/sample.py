@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from diffalign.text import LineSkips, describe_value, json_problem, text_lines, text_problem
+
 ASSETS = Path(__file__).resolve().parents[2] / "assets" / "prompts"
 
 
@@ -21,7 +23,16 @@ def prompt_sets() -> list[str]:
 
 
 def read_prompts(prompt: str | None = None, prompts_file: str | None = None, prompt_set: str | None = None) -> list[str]:
-    """Prompts from a string, a file (one per line, or jsonl with a "prompt" key) or a shipped set name."""
+    """Prompts from a string, a file or a shipped set name (``assets/prompts/<name>.txt``).
+
+    Files: ``.txt``, one prompt per line (blank lines ignored, spaces around a prompt stripped), or ``.jsonl``, one
+    JSON object with a ``"prompt"`` string per line (other keys ignored). Each line is decoded strictly as UTF-8
+    (``diffalign.text.text_lines``; a byte-order mark is dropped). A line that cannot give a prompt (not UTF-8, a
+    NUL byte, not JSON, not an object, no ``prompt``, a prompt that is not text) is skipped, and one printed line
+    gives the counts per reason and the first example ("line 3 of p.txt is not UTF-8 (byte 0xff at column 12)").
+    Raises ``ValueError`` (wrong arguments, an unknown set, a file with no usable prompt) and
+    ``FileNotFoundError``.
+    """
     if sum(x is not None for x in (prompt, prompts_file, prompt_set)) != 1:
         raise ValueError("give exactly one of --prompt, --prompts FILE or --prompt-set NAME")
     if prompt is not None:
@@ -34,12 +45,43 @@ def read_prompts(prompt: str | None = None, prompts_file: str | None = None, pro
         path = Path(prompts_file)
         if not path.is_file():
             raise FileNotFoundError(f"prompts file {path} not found")
-    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if path.suffix == ".jsonl":
-        lines = [json.loads(line)["prompt"] for line in lines]
-    if not lines:
-        raise ValueError(f"{path} holds no prompts")
-    return lines
+    prompts, skips = [], LineSkips()
+    for number, text, problem in text_lines(path):
+        if problem is not None:
+            skips.add("bad_text", problem)
+        elif text.strip() and path.suffix == ".jsonl":
+            prompt, reason, detail = jsonl_prompt(text)
+            if reason is not None:
+                skips.add(reason, f"line {number} of {path}: {detail}")
+            else:
+                prompts.append(prompt)
+        elif text.strip():
+            prompts.append(text.strip())
+    summary = skips.summary(f"prompts from {path}", len(prompts))
+    if summary:
+        print(summary)
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts" + (f" ({summary})" if summary else ""))
+    return prompts
+
+
+def jsonl_prompt(text: str) -> tuple[str | None, str | None, str | None]:
+    """One jsonl line -> (prompt, None, None), or (None, reason, detail) when it gives no prompt."""
+    try:
+        entry = json.loads(text)
+    except json.JSONDecodeError as error:
+        return None, "bad_json", f"not JSON ({json_problem(error)})"
+    if not isinstance(entry, dict):
+        return None, "bad_json", f"{describe_value(entry)}, not a JSON object with a \"prompt\""
+    if "prompt" not in entry:
+        return None, "missing_field", f"no \"prompt\" key (keys: {sorted(entry)[:10]})"
+    prompt = entry["prompt"]
+    problem = text_problem(prompt)
+    if problem is not None:
+        return None, "bad_text", problem
+    if not prompt.strip():
+        return None, "empty_prompt", "the prompt is blank"
+    return prompt.strip(), None, None
 
 
 @dataclass

@@ -22,6 +22,9 @@ from pathlib import Path
 
 import yaml
 
+from diffalign.config import parse_yaml
+from diffalign.text import read_text
+
 SCHEDULE_TOP = 1000  # num_train_timesteps of every supported family: t = 1000 is sigma = 1 in flow matching
 
 
@@ -44,7 +47,7 @@ def parse_segments(spec, base_dir: Path | None = None) -> list[Segment]:
             path = path / "segments.yaml"
         if not path.is_file():
             raise FileNotFoundError(f"segments file {spec} not found; expected a segments.yaml (see diffalign sample --help)")
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = parse_yaml(read_text(path), str(path)) or {}  # the config's YAML reading: 5e3, errors with line
         entries = raw.get("segments") if isinstance(raw, dict) else raw
         base_dir = path.parent
     else:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from diffalign.config import ConfigError, closest
+from diffalign.config import ConfigError, closest, dataclass_from_dict
 
 
 def local_mean(tensor: torch.Tensor) -> torch.Tensor:
@@ -67,16 +67,17 @@ class Objective:
     reference_overrides: Callable[[object], dict] | None = None
 
     def parse_params(self, raw: dict, prefix: str | None = None) -> object:
+        """``raw`` (from YAML or overrides) -> ``params_cls``, with the same typed reading as every config section:
+        an unknown key or a wrong type is a ``ConfigError`` naming ``objective.<name>.<key>``."""
         prefix = prefix or f"objective.{self.name}"
-        fields = {f.name for f in dataclasses.fields(self.params_cls)}
-        for key in raw:
-            if key not in fields:
-                raise ConfigError(f"unknown config key '{prefix}.{key}'.{closest(key, fields) if fields else ' It takes no hyperparameters.'}")
+        if not dataclasses.fields(self.params_cls) and raw:
+            raise ConfigError(f"unknown config key '{prefix}.{next(iter(raw))}'. It takes no hyperparameters.")
         try:
-            params = self.params_cls(**raw)
-        except (TypeError, ValueError) as error:
+            return dataclass_from_dict(self.params_cls, raw, prefix)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as error:  # the params' own range checks (__post_init__)
             raise ConfigError(f"{prefix}: {error}") from error
-        return params
 
     def __call__(self, inputs: ObjectiveInputs, params: object) -> ObjectiveOutput:
         return self.loss_fn(inputs, params)

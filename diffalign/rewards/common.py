@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from diffalign.config import ConfigError, closest
-from diffalign.data.records import to_rgb
+from diffalign.images import to_rgb
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffalign.data.records import to_rgb
+from diffalign.images import to_rgb
 from diffalign.rewards.base import RewardSpec, register_reward
 from diffalign.rewards.clip import OpenClipScore
 from diffalign.rewards.common import (

@@ -2,7 +2,9 @@
 
 Inputs: ``--images DIR|GLOB`` with prompts from ``--prompts FILE`` (one per line, matched to the sorted image
 files, or jsonl with ``file_name`` / ``prompt``), or the ``samples.jsonl`` that ``diffalign sample`` writes
-into its folder. An unreadable image or a missing prompt becomes a row with an ``error`` field.
+into its folder. An unreadable image, one over the pixel limit (``--max-image-pixels``), a symlink that leaves
+the folder (unless ``--follow-symlinks``) or a missing prompt becomes a row with an ``error`` field. Images are
+decoded upright (EXIF orientation applied) by ``diffalign.images.load_image``, the one decoder.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import csv
 import glob
 import json
 import math
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,10 +22,13 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from diffalign.data.records import to_rgb
+from diffalign.images import PILLOW_MAX_PIXELS, ImageTooLarge, load_image
+from diffalign.text import LineSkips, describe_value, json_problem, text_lines, text_problem
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 MAX_SIDE = 2048  # every scorer resizes to ~224 px; shrinking huge images first saves memory and time
+ENSEMBLE_LEFT_OUT = ("ensemble_z left out: it z-scores rewards within each prompt, and no prompt has two or more "
+                     "scored images")
 
 
 @dataclass
@@ -43,8 +50,43 @@ def image_files(images: str) -> list[Path]:
     return files
 
 
+def base_folder(images: str) -> Path:
+    """The folder ``--images`` stays inside: the folder itself, a glob's leading part without wildcards (``.`` for
+    ``*.png``), or a single file's folder."""
+    path = Path(images)
+    if path.is_dir():
+        return path
+    fixed = []
+    for part in path.parts:
+        if re.search(r"[*?\[]", part):
+            return Path(*fixed) if fixed else Path(".")
+        fixed.append(part)
+    return path.parent
+
+
+def outside_links(files: list[Path], images: str) -> dict[Path, str]:
+    """file -> error, for every file whose real path (symlinks resolved) is outside ``base_folder(images)``."""
+    base = base_folder(images)
+    root = base.resolve()
+    errors = {}
+    for file in files:
+        target = file.resolve()
+        if not target.is_relative_to(root):
+            errors[file] = f"symlink to {target} outside {base}; pass --follow-symlinks to score it"
+    return errors
+
+
 def read_prompt_map(prompts: str | None, files: list[Path], images: str) -> dict[Path, str]:
-    """file -> prompt, from --prompts (txt or jsonl) or a samples.jsonl next to the images."""
+    """file -> prompt, from --prompts (txt or jsonl) or a samples.jsonl next to the images.
+
+    A ``.txt`` is matched line by line to the sorted image files (blank lines ignored), so the counts must agree
+    (``ValueError`` otherwise). A ``.jsonl`` (or ``samples.jsonl``) maps each line's ``file_name`` (relative to the
+    jsonl's folder) to its ``prompt``. Lines are decoded strictly as UTF-8 (``diffalign.text.text_lines``). A line
+    that gives no prompt (not UTF-8, a NUL byte, not a JSON object, no ``file_name``, a prompt that is not text or
+    is blank) is left out of the map, so its image gets a row with an ``error`` and is not scored; in a ``.txt`` the
+    bad line keeps its place, so the images after it keep their prompts. One printed line gives the counts per
+    reason and the first example. ``FileNotFoundError`` when there is no prompts file.
+    """
     source = Path(prompts) if prompts else None
     if source is None:
         folder = Path(images) if Path(images).is_dir() else files[0].parent
@@ -54,40 +96,73 @@ def read_prompt_map(prompts: str | None, files: list[Path], images: str) -> dict
                                     f"(it has samples.jsonl); {folder} has none")
     if not source.is_file():
         raise FileNotFoundError(f"prompts file {source} not found")
-    lines = [line for line in source.read_text().splitlines() if line.strip()]
+    skips, mapping = LineSkips(), {}
     if source.suffix == ".jsonl":
-        mapping = {}
-        for line in lines:
-            entry = json.loads(line)
-            if "file_name" in entry and entry.get("prompt"):
-                mapping[(source.parent / entry["file_name"]).resolve()] = entry["prompt"]
-        return {file: mapping[file.resolve()] for file in files if file.resolve() in mapping}
-    if len(lines) != len(files):
-        raise ValueError(f"{source} has {len(lines)} prompts for {len(files)} images; a text file is matched to the "
-                         "sorted image files line by line, so the counts must agree (or use jsonl with file_name)")
-    return dict(zip(files, lines))
+        for number, text, problem in text_lines(source):
+            if problem is not None:
+                skips.add("bad_text", problem)
+                continue
+            if not text.strip():
+                continue
+            reason, detail = None, None
+            try:
+                entry = json.loads(text)
+            except json.JSONDecodeError as error:
+                reason, detail = "bad_json", f"not JSON ({json_problem(error)})"
+            else:
+                name = entry.get("file_name") if isinstance(entry, dict) else None
+                prompt = entry.get("prompt") if isinstance(entry, dict) else None
+                if not isinstance(entry, dict):
+                    reason, detail = "bad_json", f"{describe_value(entry)}, not a JSON object"
+                elif not isinstance(name, str) or not name or text_problem(name) is not None:
+                    reason, detail = "missing_field", f"file_name={name!r} is not a file name"
+                elif (problem := text_problem(prompt)) is not None or not prompt.strip():
+                    reason, detail = ("bad_text", problem) if problem and prompt is not None else \
+                        ("empty_prompt", f"no prompt for {name}")
+            if reason is not None:
+                skips.add(reason, f"line {number} of {source}: {detail}")
+                continue
+            mapping[(source.parent / name).resolve()] = prompt
+        result = {file: mapping[file.resolve()] for file in files if file.resolve() in mapping}
+    else:
+        lines: list[str | None] = []  # None: a bad line, which keeps its place so the alignment does not shift
+        for line in text_lines(source):
+            if line.problem is not None:
+                image = files[len(lines)].name if len(lines) < len(files) else "no image"
+                skips.add("bad_text", f"{line.problem}; its image ({image}) gets no prompt")
+                lines.append(None)
+            elif line.text.strip():
+                lines.append(line.text)
+        if len(lines) != len(files):
+            raise ValueError(f"{source} has {len(lines)} prompts for {len(files)} images; a text file is matched to "
+                             "the sorted image files line by line, so the counts must agree (or use jsonl with "
+                             "file_name)")
+        result = {file: line for file, line in zip(files, lines) if line is not None}
+    if summary := skips.summary(f"prompts from {source}", len(result)):
+        print(summary)
+    return result
 
 
-def load_for_scoring(path: Path) -> Image.Image:
-    image = Image.open(path)
-    image.draft("RGB", (MAX_SIDE, MAX_SIDE))  # JPEG: decode at reduced size when very large
-    image.load()
-    image = to_rgb(image)
-    if max(image.size) > MAX_SIDE:
-        image.thumbnail((MAX_SIDE, MAX_SIDE), Image.BICUBIC)
-    return image
+def load_for_scoring(path: Path, max_pixels: int | None = PILLOW_MAX_PIXELS) -> Image.Image:
+    """An image upright, in RGB, at most ``MAX_SIDE`` px on its longest side (see ``diffalign.images.load_image``,
+    which also says what it raises: ``ImageTooLarge`` over ``max_pixels`` pixels, Pillow's errors for bad data)."""
+    return load_image(path, max_pixels=max_pixels, max_side=MAX_SIDE)
 
 
-def score_rows(rows: list[ScoreRow], rewards: dict, batch_size: int) -> list[ScoreRow]:
-    """Score every row that has an image and a prompt, in batches; failures go to the row's ``error``."""
+def score_rows(rows: list[ScoreRow], rewards: dict, batch_size: int,
+               max_pixels: int | None = PILLOW_MAX_PIXELS) -> list[ScoreRow]:
+    """Score every row that has an image and a prompt, in batches; failures go to the row's ``error``. Images
+    over ``max_pixels`` pixels (None = no limit) are not decoded: their error says how to raise the limit."""
     pending = [row for row in rows if row.error is None]
     with tqdm(total=len(pending), desc="scoring", disable=None) as bar:
         for start in range(0, len(pending), batch_size):
             batch, images = [], []
             for row in pending[start : start + batch_size]:
                 try:
-                    images.append(load_for_scoring(Path(row.file)))
+                    images.append(load_for_scoring(Path(row.file), max_pixels))
                     batch.append(row)
+                except ImageTooLarge as error:
+                    row.error = f"image too large: {error}"
                 except Exception as error:  # PIL raises many types for bad files
                     row.error = f"unreadable image: {type(error).__name__}: {error}"
             if batch:
@@ -100,22 +175,33 @@ def score_rows(rows: list[ScoreRow], rewards: dict, batch_size: int) -> list[Sco
     return rows
 
 
-def collect_rows(images: str, prompts: str | None) -> list[ScoreRow]:
+def collect_rows(images: str, prompts: str | None, follow_symlinks: bool = False) -> list[ScoreRow]:
+    """One row per image file; a file with no prompt, or (unless ``follow_symlinks``) a symlink resolving outside
+    the given folder, gets an ``error`` and is not scored. Raises FileNotFoundError / ValueError (see
+    ``image_files`` and ``read_prompt_map``) when there is nothing to score or the prompts do not fit."""
     files = image_files(images)
     prompt_map = read_prompt_map(prompts, files, images)
-    return [ScoreRow(str(file), prompt_map.get(file), error=None if file in prompt_map else "no prompt for this image")
+    outside = {} if follow_symlinks else outside_links(files, images)
+    return [ScoreRow(str(file), prompt_map.get(file),
+                     error=outside.get(file) or (None if file in prompt_map else "no prompt for this image"))
             for file in files]
 
 
-def add_ensemble(rows: list[ScoreRow], names: list[str], weights: dict[str, float] | None) -> None:
+def add_ensemble(rows: list[ScoreRow], names: list[str], weights: dict[str, float] | None) -> str | None:
+    """Add ``ensemble_z`` (weighted mean of per-prompt z-scores) to every scored row, when there are several
+    rewards and at least one prompt has two or more scored images. Without such a prompt every z-score would be 0,
+    so the column is left out and the line saying why (``ENSEMBLE_LEFT_OUT``) is returned; else None."""
     from diffalign.rewards.ensemble import zscore_ensemble
 
     scored = [row for row in rows if row.error is None and row.scores]
     if len(names) < 2 or not scored:
-        return
+        return None
+    if max(Counter(row.prompt for row in scored).values()) < 2:
+        return ENSEMBLE_LEFT_OUT
     values = {name: torch.tensor([row.scores[name] for row in scored]) for name in names}
     for row, value in zip(scored, zscore_ensemble(values, [row.prompt for row in scored], weights).tolist()):
         row.scores["ensemble_z"] = value
+    return None
 
 
 def write_rows(rows: list[ScoreRow], names: list[str], out: str | Path) -> Path:

@@ -108,17 +108,18 @@ class LoraEmaReference:
 
     @contextlib.contextmanager
     def model_for_pass(self, policy):
-        params = self.trainable(policy)
-        saved = {name: param.detach().clone() for name, param in params.items()}
-        with torch.no_grad():
-            for name, param in params.items():
-                param.copy_(self.shadow[name])
-        try:
-            yield unwrap(policy)
-        finally:
-            with torch.no_grad():
-                for name, param in params.items():
-                    param.copy_(saved[name])
+        """The policy network called with the EMA weights in place of its LoRA weights.
+
+        ``torch.func.functional_call`` swaps the tensors for the call only: the policy's own parameters are never
+        written, so a policy forward already in the autograd graph (the reference pass runs after it) still
+        backpropagates. Copying the EMA weights into the parameters in place fails there ("a variable needed for
+        gradient computation has been modified by an inplace operation")."""
+        model = unwrap(policy)
+
+        def call(*args, **kwargs):
+            return torch.func.functional_call(model, self.shadow, args, kwargs, strict=False)
+
+        yield call
 
     @torch.no_grad()
     def update(self, policy, step: int) -> None:

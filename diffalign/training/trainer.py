@@ -21,14 +21,12 @@ from tqdm.auto import tqdm
 from diffalign.config import Config, ConfigError, resolve_reference, save_config
 from diffalign.objectives import ObjectiveInputs, get_objective
 from diffalign.training import checkpoint as ckpt
+from diffalign.training.checkpoint import TrainingParts, TrainingStopped
 from diffalign.training.lora import attach_lora, save_lora, trainable_checksum
 from diffalign.training.optim import build_lr_scheduler, build_optimizer, effective_learning_rate
 from diffalign.training.reference import build_reference, unwrap
+from diffalign.training.run_lock import acquire_run_lock, release_run_lock
 from diffalign.training.step import batch_tensors, denoising_errors, step_generator
-
-
-class TrainingStopped(RuntimeError):
-    """The run stopped early (repeated non-finite losses); the last good checkpoint is kept."""
 
 
 @dataclass
@@ -89,12 +87,39 @@ def prepare_data(cfg: Config, components, accelerator, objective):
 
 
 def train(cfg: Config) -> TrainResult:
+    output_dir = Path(cfg.train.output_dir)
+    accelerator = build_accelerator(cfg, output_dir)
+    lock = lock_output_dir(accelerator, output_dir)
+    try:
+        return train_locked(cfg, accelerator, output_dir)
+    finally:
+        if lock is not None:
+            release_run_lock(lock)
+
+
+def lock_output_dir(accelerator, output_dir: Path) -> Path | None:
+    """The main process takes the run folder's lock; every process learns whether it did (see ``run_lock``)."""
+    lock, error = None, None
+    if accelerator.is_main_process:
+        try:
+            lock, note = acquire_run_lock(output_dir)
+            if note:
+                accelerator.print(note)
+        except ConfigError as caught:
+            error = caught
+    refused = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), reduction="sum")
+    if error is not None:
+        raise error
+    if refused.item():
+        raise ConfigError(f"train.output_dir={output_dir} is in use by another run (see the main process's message)")
+    return lock
+
+
+def train_locked(cfg: Config, accelerator, output_dir: Path) -> TrainResult:
     from diffalign.data.dataset import collate, epoch_batches
     from diffalign.families import load_components
     from diffalign.training.validation import render_validation
 
-    output_dir = Path(cfg.train.output_dir)
-    accelerator = build_accelerator(cfg, output_dir)
     objective = get_objective(cfg.objective.name)
     params = objective.parse_params(cfg.objective.selected)
     torch.manual_seed(cfg.train.seed)
@@ -146,16 +171,14 @@ def train(cfg: Config) -> TrainResult:
     optimizer = build_optimizer(trainable, cfg.train, effective_learning_rate(cfg.train, accelerator.num_processes))
     lr_scheduler = build_lr_scheduler(optimizer, cfg.train, accelerator.num_processes)
     denoiser, optimizer, lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
-    if cfg.lora.enabled:
-        ckpt.register_lora_checkpoint_hooks(accelerator, family)
-    if hasattr(reference, "state_dict"):  # an EMA reference is training state too
-        accelerator.register_for_checkpointing(reference)
+    parts = TrainingParts(denoiser, optimizer, lr_scheduler, reference, family, cfg.lora.enabled)
 
     global_step, skipped_steps = 0, 0
     resume_from = ckpt.resolve_resume(output_dir, cfg.train.resume)
     if resume_from is not None:
-        state = ckpt.load_checkpoint(accelerator, resume_from)
+        state = ckpt.load_checkpoint(accelerator, resume_from, parts)
         global_step, skipped_steps = state["global_step"], state["skipped_steps"]
+        accelerator.step = global_step * cfg.train.gradient_accumulation_steps
         accelerator.print(f"resumed from {resume_from} at step {global_step}")
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -166,7 +189,7 @@ def train(cfg: Config) -> TrainResult:
     # ---- loop
     accumulation = cfg.train.gradient_accumulation_steps
     micro_step = global_step * accumulation
-    window_finite, consecutive_bad = True, 0
+    window_finite, consecutive_bad, checkpoint_due, skip_reason = True, 0, False, ""
     sums: dict[str, float] = {}
     sum_count = 0
     last_metrics: dict[str, float] = {}
@@ -202,9 +225,7 @@ def train(cfg: Config) -> TrainResult:
                     global_mean=lambda value: accelerator.reduce(value.detach().mean(), reduction="mean"),
                 ), params)
             loss = output.loss
-            # Every process must agree to skip, or DDP's gradient all-reduce would hang.
-            finite = accelerator.reduce(torch.isfinite(loss).float().to(device), reduction="sum").item()
-            if finite == accelerator.num_processes:
+            if all_processes(accelerator, bool(torch.isfinite(loss))):
                 accelerator.backward(loss)
                 for name, value in {"loss": loss.detach(), **output.metrics}.items():
                     sums[name] = sums.get(name, 0.0) + float(value)
@@ -214,16 +235,21 @@ def train(cfg: Config) -> TrainResult:
                 # A zero loss over the trainable weights keeps DDP's collective calls in step on every process.
                 accelerator.backward(sum(p.sum() for p in trainable) * 0.0)
             if accelerator.sync_gradients:
-                if window_finite:
-                    accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm)
-                    optimizer.step()
-                    lr_scheduler.step()
+                applied = window_finite and apply_update(accelerator, optimizer, lr_scheduler, trainable,
+                                                         cfg.train.max_grad_norm)
+                if applied:
+                    if not all_processes(accelerator, weights_finite(trainable)):
+                        raise TrainingStopped(
+                            f"step {global_step + 1}: the update made the trained weights non-finite; stopped "
+                            f"without saving them. {ckpt.kept_checkpoint_note(output_dir)} Lower "
+                            "train.learning_rate or train.max_grad_norm.")
                     consecutive_bad = 0
                     if reference is not None:
                         reference.update(denoiser, global_step + 1)
                 else:
                     skipped_steps += 1
                     consecutive_bad += 1
+                    skip_reason = "loss" if not window_finite else "gradient norm"
                 optimizer.zero_grad(set_to_none=True)
 
         if not accelerator.sync_gradients:
@@ -233,14 +259,17 @@ def train(cfg: Config) -> TrainResult:
         if first_step_done is None:
             first_step_done, first_step = time.time(), global_step
         if consecutive_bad:
-            accelerator.print(f"step {global_step}: non-finite loss, step skipped ({consecutive_bad} in a row)")
+            accelerator.print(f"step {global_step}: non-finite {skip_reason}, step skipped ({consecutive_bad} in a row)")
         if consecutive_bad >= cfg.train.max_consecutive_nonfinite:
             progress.close()
             raise TrainingStopped(
-                f"{consecutive_bad} non-finite losses in a row at step {global_step}; stopped. The last good "
-                f"checkpoint in {output_dir} is kept. Lower train.learning_rate or check the data."
+                f"{consecutive_bad} steps in a row skipped for a non-finite loss or gradient, at step {global_step}; "
+                f"stopped. {ckpt.kept_checkpoint_note(output_dir)} Lower train.learning_rate or check the data."
             )
         window_finite = True
+        # A checkpoint falls due every checkpointing_steps; one due on a skipped step waits for the next applied
+        # update, so checkpoints only ever follow a good step.
+        checkpoint_due = checkpoint_due or global_step % cfg.train.checkpointing_steps == 0
 
         if global_step % cfg.log.every_n_steps == 0 or global_step == cfg.train.max_steps:
             last_metrics = reduce_metrics(accelerator, sums, sum_count)
@@ -250,15 +279,18 @@ def train(cfg: Config) -> TrainResult:
             progress.set_postfix({k: f"{v:.4g}" for k, v in last_metrics.items() if k in ("loss", "implicit_acc")})
         if cfg.log.validation_every_n_steps and global_step % cfg.log.validation_every_n_steps == 0:
             log_validation(accelerator, components, unwrap(denoiser), cfg, global_step, output_dir, render_validation)
-        if global_step % cfg.train.checkpointing_steps == 0 and global_step < cfg.train.max_steps:
+        if checkpoint_due and not consecutive_bad and global_step < cfg.train.max_steps:
             ckpt.save_checkpoint(accelerator, output_dir, global_step,
                                  {"global_step": global_step, "skipped_steps": skipped_steps},
-                                 cfg.train.checkpoints_total_limit)
+                                 cfg.train.checkpoints_total_limit, parts)
+            checkpoint_due = False
     progress.close()
     loop_ended = time.time()
 
     # ---- outputs
     accelerator.wait_for_everyone()
+    if not all_processes(accelerator, weights_finite(trainable)):  # never reached while the guards above hold
+        raise TrainingStopped(f"the trained weights are non-finite; nothing was saved. {ckpt.kept_checkpoint_note(output_dir)}")
     model = unwrap(denoiser)
     checksums = accelerator.gather_for_metrics([trainable_checksum(model)], use_gather_object=True)
     result = TrainResult(output_dir, global_step, skipped_steps, last_metrics, denoiser=model)
@@ -290,6 +322,35 @@ def train(cfg: Config) -> TrainResult:
         write_model_card(cfg, output_dir, run_info, family, base_path=components.pretrained)
     accelerator.end_training()
     return result
+
+
+def apply_update(accelerator, optimizer, lr_scheduler, trainable, max_grad_norm: float) -> bool:
+    """Clip the gradients, then step the optimizer and lr scheduler only when the gradient norm is finite on
+    every process. Returns whether the update was applied.
+
+    A loss can be finite while its gradient overflows (a large learning rate blows the weights up, the next
+    step's gradient is inf); stepping then would write NaN into every weight. Under fp16 accelerate's grad scaler
+    makes that call itself (skipping the step and lowering its scale), so its verdict is taken too."""
+    grad_norm = accelerator.clip_grad_norm_(trainable, max_grad_norm)
+    finite = all_processes(accelerator, grad_norm is None or bool(torch.isfinite(grad_norm)))
+    if not finite and accelerator.scaler is None:
+        return False
+    optimizer.step()
+    if accelerator.scaler is not None and (optimizer.step_was_skipped or not finite):
+        return False
+    lr_scheduler.step()
+    return True
+
+
+def weights_finite(params) -> bool:
+    return bool(torch.stack([torch.isfinite(param).all() for param in params]).all())
+
+
+def all_processes(accelerator, flag: bool) -> bool:
+    """True when ``flag`` holds on every process: steps are skipped or taken everywhere at once, or DDP's
+    gradient all-reduce would hang."""
+    count = accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="sum")
+    return int(count.item()) == accelerator.num_processes
 
 
 def check_timesteps(family, components, timestep_cfg) -> None:
