@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from decimal import Decimal, InvalidOperation
 
 from diffalign.cli_help import (
     EVAL_EXAMPLES,
@@ -271,8 +273,19 @@ def parse_named(values: list[str], names: list[str], what: str) -> dict[str, str
 
 
 def pixel_limit(text: str) -> int | None:
-    """--max-image-pixels: a number of pixels, or none (no limit)."""
-    return None if text.lower() in ("none", "null") else int(text)
+    """--max-image-pixels: a whole number of pixels, at least 1, written as 89478485, 2_000_000 or 1e9 (as
+    data.max_image_pixels takes it in a config); or none / null (no limit)."""
+    cleaned = text.strip().lower()
+    if cleaned in ("none", "null"):
+        return None
+    try:  # exact, never rounded through a float; underscores only as Python allows them in ints (2_000_000)
+        number = Decimal(int(cleaned) if "_" in cleaned else cleaned)
+    except (InvalidOperation, ValueError):
+        number = None
+    if number is None or not number.is_finite() or number != number.to_integral_value() or number < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a pixel count: give a whole number of at least 1 "
+                                         "(e.g. 100000000, 1e9 or 2_000_000), or none for no limit")
+    return int(number)
 
 
 def reward_names(reward: str) -> list[str]:
@@ -283,10 +296,34 @@ def reward_names(reward: str) -> list[str]:
 
 
 def ensemble_weights(text: str | None, names: list[str]) -> dict[str, float] | None:
-    """--ensemble-weights NAME=W,... -> {name: weight}, or None."""
+    """--ensemble-weights NAME=W,... -> {name: weight}, or None. Each W is a finite number >= 0 (rewards not named
+    weigh 1), NAME one of ``names``; a bare W is taken for the reward when there is only one. Raises ValueError
+    with a one-line message naming the flag, the bad entry and what to give."""
     if not text:
         return None
-    return {name: float(value) for name, value in parse_named(text.split(","), names, "--ensemble-weights").items()}
+    weights = {}
+    for entry in (part.strip() for part in text.split(",")):
+        if not entry:
+            continue
+        name, sep, value = (part.strip() for part in entry.partition("="))
+        if not sep and len(names) == 1:
+            name, value = names[0], entry
+        elif not sep or name not in names:
+            unknown = f"'{name}' is not one of the rewards" if sep else "no reward name"
+            raise ValueError(f"--ensemble-weights '{entry}': {unknown}; use NAME=W with NAME one of {names}, "
+                             f"e.g. {names[0]}=2")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = math.nan
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"--ensemble-weights '{entry}': the weight '{value}' is not a finite number >= 0; "
+                             f"use NAME=W with W such as 2 or 0.5, e.g. {name}=2")
+        weights[name] = weight
+    if weights and sum(weights.get(name, 1.0) for name in names) <= 0:
+        raise ValueError(f"--ensemble-weights '{text}': the weights sum to 0; give at least one of {names} a "
+                         "weight above 0")
+    return weights or None
 
 
 def build_rewards(reward: str, weights: list[str], device) -> dict:

@@ -36,6 +36,19 @@ class ConfigLoader(yaml.SafeLoader):
     """
 
 
+def _unique_mapping(loader: ConfigLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A mapping whose keys are unique: YAML forbids duplicates, PyYAML keeps the last one silently."""
+    seen: dict[Any, yaml.Mark] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first at line {seen[key].line + 1}); keep one", key_node.start_mark)
+        seen[key] = key_node.start_mark
+    return loader.construct_mapping(node, deep=deep)
+
+
+ConfigLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 ConfigLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
@@ -205,9 +218,13 @@ class Config:
             ("train.gradient_accumulation_steps", self.train.gradient_accumulation_steps),
             ("lora.rank", self.lora.rank),
             ("train.max_consecutive_nonfinite", self.train.max_consecutive_nonfinite),
+            ("train.checkpointing_steps", self.train.checkpointing_steps),
+            ("train.checkpoints_total_limit", self.train.checkpoints_total_limit),  # null = keep every checkpoint
+            ("data.max_image_pixels", self.data.max_image_pixels),  # null = no limit
         ]:
-            if value < 1:
-                raise ConfigError(f"{key} must be at least 1, got {value}")
+            if value is not None and value < 1:
+                hint = " (for no checkpoints, set it above train.max_steps)" if key == "train.checkpointing_steps" else ""
+                raise ConfigError(f"{key} must be at least 1, got {value}{hint}")
         if not 0.0 <= self.data.prompt_dropout < 1.0:
             raise ConfigError(f"data.prompt_dropout must be in [0, 1), got {self.data.prompt_dropout}")
         if self.train.learning_rate <= 0:

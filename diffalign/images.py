@@ -95,18 +95,43 @@ def upright(image: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(image)
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L")
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB conversion that composites transparency on white and rescales 16-bit modes instead of clipping."""
+    """RGB conversion that composites transparency on white and rescales 16-bit modes instead of clipping.
+
+    Integer grayscale is scaled to 0..255 by its full range (``sample_peak``): "I;16", "I;16B" and "I;16L" are
+    16-bit by definition, so a value of 200 is 200/65535 (nearly black), never 200/255. Mode "I" (32-bit ints) is
+    ambiguous, and is read as 16-bit (peak 65535) when it was decoded from a format that stores 16 bits per sample:
+    PNG (Pillow < 10 opened 16-bit grayscale PNGs as "I"; PNG samples are at most 16 bits), PPM / PGM (Pillow
+    stretches a maxval over 255 to 0..65535) or TIFF with BitsPerSample 16. Any other "I" image (a 32-bit TIFF, one
+    built in memory) keeps the guess from its values: peak 65535 if any is over 255, else 255. Values outside
+    0..peak are clipped.
+    """
     if image.mode == "RGB":
         return image
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if image.mode in (*SIXTEEN_BIT_MODES, "I"):
         import numpy as np
 
         array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if array.max() > 255 else 255.0
-        return Image.fromarray((array / peak * 255).round().astype("uint8")).convert("RGB")
+        scaled = np.clip(array / sample_peak(image, array) * 255, 0, 255)
+        return Image.fromarray(scaled.round().astype("uint8")).convert("RGB")
     return image.convert("RGB")
+
+
+def sample_peak(image: Image.Image, array) -> float:
+    """The value that maps to white for an integer grayscale image (mode "I;16*" or "I"); see ``to_rgb``."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        return 65535.0
+    if image.format in ("PNG", "PPM"):
+        return 65535.0
+    if image.format == "TIFF":
+        bits = getattr(image, "tag_v2", {}).get(258)  # BitsPerSample: a tuple, one entry per sample
+        if (bits if isinstance(bits, tuple) else (bits,)) == (16,):
+            return 65535.0
+    return 65535.0 if array.size and array.max() > 255 else 255.0

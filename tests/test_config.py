@@ -166,3 +166,16 @@ def test_segments_files_are_read_by_the_same_parser(tmp_path):
     path.write_bytes(b"segments:\n  - lora: caf\xe9\n    interval: [0, 500]\n")
     with pytest.raises(ValueError, match=r"line 2 of .*segments.yaml is not UTF-8 \(byte 0xe9 at column 14\)"):
         parse_segments(path)
+
+
+def test_duplicate_keys_and_zero_intervals_are_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  max_steps: 3\n  seed: 1\n  max_steps: 4\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: line 4, column 3: invalid YAML: duplicate key 'max_steps' \(first at line 2\)"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"train.checkpointing_steps must be at least 1, got 0 \(for no checkpoints"):
+        load_config(None, ["train.checkpointing_steps=0"])
+    for key in ("train.checkpoints_total_limit", "data.max_image_pixels"):
+        with pytest.raises(ConfigError, match=f"{key} must be at least 1, got -1"):
+            load_config(None, [f"{key}=-1"])
+        assert load_config(None, [f"{key}=null"]) is not None  # null: no limit

@@ -214,3 +214,25 @@ def test_readers_skip_images_over_the_limit_with_the_reason_and_a_raised_limit_n
     assert cache.load_image_size(cached[0].image_keys[0]).tolist() == [9500, 9500, 0, 0]
     raw = RawPreferenceDataset(records[:1], components.family, components.resolution, 2, seed=0, random_flip=False)
     assert raw[(0, 0)]["image_sizes"][0].tolist() == [9500, 9500, 0, 0]
+
+
+@pytest.mark.parametrize("value, expected", [(200, 1), (40000, 156)])  # round(value / 65535 * 255)
+def test_16_bit_png_is_scaled_by_65535_even_when_every_value_is_at_most_255(tmp_path, value, expected):
+    path = tmp_path / f"gray16_{value}.png"
+    Image.fromarray(np.full((8, 8), value, dtype=np.uint16)).save(path)
+    with Image.open(path) as opened:
+        assert opened.mode == "I;16"  # what the installed Pillow gives for a 16-bit grayscale PNG
+    assert load_image(path).getpixel((0, 0)) == (expected, expected, expected)
+
+
+def test_mode_i_is_16_bit_only_when_its_file_stores_16_bits(tmp_path):
+    pgm = tmp_path / "gray16.pgm"  # 16-bit PGM: Pillow opens it as mode "I"
+    pgm.write_bytes(b"P5\n8 8\n65535\n" + np.full(64, 200, dtype=">u2").tobytes())
+    with Image.open(pgm) as opened:
+        assert opened.mode == "I"
+    assert load_image(pgm).getpixel((0, 0)) == (1, 1, 1)
+    tiff = tmp_path / "int32.tif"  # 32 bits per sample: the range is guessed from the values
+    Image.fromarray(np.full((8, 8), 200, dtype=np.int32)).save(tiff)
+    with Image.open(tiff) as opened:
+        assert opened.mode == "I" and opened.tag_v2[258] == (32,)
+    assert load_image(tiff).getpixel((0, 0)) == (200, 200, 200)

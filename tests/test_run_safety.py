@@ -153,14 +153,74 @@ def test_retention_and_latest_never_lose_the_newest_finite_checkpoint(tmp_path):
     assert resolve_resume(tmp_path, "latest") == tmp_path / "checkpoint-4"
 
 
-def test_resume_refuses_a_checkpoint_whose_tensors_are_nonfinite(tmp_path):
-    first = train(cfg_for(tmp_path, "first", **{"train.max_steps": 4}))
+def test_resume_passes_over_or_refuses_a_checkpoint_whose_tensors_are_nonfinite(tmp_path, capsys):
+    """A checkpoint saved finite whose file was damaged afterwards: latest passes over it to the one before, an
+    explicit path is refused in one line."""
+    first = train(cfg_for(tmp_path, "first", **{"train.max_steps": 5, "train.checkpointing_steps": 2}))
     copy = tmp_path / "copy"
-    shutil.copytree(first.output_dir / "checkpoint-3", copy / "checkpoint-3")
-    state = load_file(str(copy / "checkpoint-3" / "lora_state.safetensors"))
-    save_file({k: v * float("nan") for k, v in state.items()}, str(copy / "checkpoint-3" / "lora_state.safetensors"))
-    with pytest.raises(ConfigError, match=r"checkpoint-3 holds non-finite values \(weights\."):
-        train(cfg_for(tmp_path, "copy", **{"train.max_steps": 4, "train.resume": "latest"}))
+    for step in (2, 4):
+        shutil.copytree(first.output_dir / f"checkpoint-{step}", copy / f"checkpoint-{step}")
+    damaged = copy / "checkpoint-4" / "lora_state.safetensors"
+    save_file({k: v * float("nan") for k, v in load_file(str(damaged)).items()}, str(damaged))
+    with pytest.raises(ConfigError, match=r"checkpoint-4 holds non-finite values \(weights\..*resume from an earlier"):
+        train(cfg_for(tmp_path, "copy", **{"train.max_steps": 5, "train.resume": str(copy / "checkpoint-4")}))
+    resumed = train(cfg_for(tmp_path, "copy", **{"train.max_steps": 5, "train.checkpointing_steps": 2,
+                                                  "train.resume": "latest"}))
+    out = capsys.readouterr().out
+    assert "checkpoint-4 holds non-finite or unreadable tensors (lora_state.safetensors:" in out
+    assert "resumed from" in out and "checkpoint-2 at step 2" in out and resumed.global_step == 5
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"lora.rank": 4}, "was trained with lora.rank=8, this config has lora.rank=4"),
+    ({"lora.alpha": 16}, "was trained with lora.alpha=8.0, this config has lora.alpha=16.0"),
+    ({"model.pretrained": "tiny:sdxl"}, "was trained with model.pretrained='tiny:sd15'"),
+    ({"objective.reference": "ema"}, "was trained with objective.reference='lora_disabled'"),
+    ({"lora.enabled": False}, "was trained with lora.enabled=True"),
+])
+def test_resume_with_settings_the_state_depends_on_changed_is_one_line(tmp_path, capsys, change, message):
+    from diffalign.cli import main
+
+    first = train(cfg_for(tmp_path, "first", **{"train.max_steps": 4}))
+    values = {**dict(o.split("=", 1) for o in tiny_overrides(first.output_dir)), "train.max_steps": 6,
+              "train.resume": "latest", **change}
+    assert main(["train", str(ROOT / "configs/tiny_dpo.yaml"), *[f"{k}={v}" for k, v in values.items()]]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars: the one error line
+    assert last.startswith("diffalign train: error: ") and message in last and "start afresh" in last
+
+
+@pytest.mark.parametrize("damage", ["optimizer.safetensors", "rng_state_0.json", "lora_state.safetensors",
+                                    "lr_scheduler.json", "pickle_as_safetensors"])
+def test_a_damaged_checkpoint_is_one_line(tmp_path, capsys, damage):
+    from diffalign.cli import main
+
+    first = train(cfg_for(tmp_path, "first", **{"train.max_steps": 4}))
+    checkpoint = first.output_dir / "checkpoint-3"
+    if damage == "pickle_as_safetensors":  # a pickle under a safetensors name is never unpickled either
+        (checkpoint / "optimizer.safetensors").write_bytes(pickle.dumps(Payload(tmp_path / "pwned")))
+    else:
+        (checkpoint / damage).unlink()
+    values = {**dict(o.split("=", 1) for o in tiny_overrides(first.output_dir)), "train.max_steps": 6,
+              "train.resume": str(checkpoint)}
+    assert main(["train", str(ROOT / "configs/tiny_dpo.yaml"), *[f"{k}={v}" for k, v in values.items()]]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars: the one error line
+    assert last.startswith("diffalign train: error: ") and "is damaged or incomplete" in last
+    assert "resume from an earlier checkpoint" in last
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_resume_paths_and_a_new_learning_rate(tmp_path, capsys):
+    train(cfg_for(tmp_path, "first", **{"train.max_steps": 4}))
+    with pytest.raises(ConfigError, match="train.resume=checkpoint-9 does not exist"):
+        train(cfg_for(tmp_path, "first", **{"train.max_steps": 6, "train.resume": "checkpoint-9"}))
+    # a relative path names a checkpoint of the run folder; a new train.learning_rate applies from there on
+    resumed = train(cfg_for(tmp_path, "first", **{"train.max_steps": 6, "train.resume": "checkpoint-3",
+                                                   "train.learning_rate": 2e-3}))
+    out = capsys.readouterr().out
+    assert "learning rate changed on resume: base 0.001 -> 0.002" in out
+    assert resumed.metrics["lr"] == pytest.approx(2e-3)
+    train(cfg_for(tmp_path, "fresh", **{"train.max_steps": 1, "train.resume": "latest"}))
+    assert "train.resume=latest: no usable checkpoint in" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------- no pickles

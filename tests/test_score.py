@@ -205,3 +205,66 @@ def test_ensemble_z_is_written_only_when_a_prompt_has_two_scored_images(tmp_path
     assert code == 0 and "left out" not in capsys.readouterr().out
     z = [rows[f"{index}.png"]["ensemble_z"] for index in range(4)]
     assert z[3] == 0.0 and abs(sum(z[:3])) < 1e-5 and max(abs(value) for value in z[:3]) > 0.1
+
+
+def colour_folder(tmp_path, count: int = 3):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index in range(count):
+        Image.new("RGB", (40, 40), (200, 30 * index, 30)).save(folder / f"{index}.png")
+    return folder
+
+
+@pytest.mark.parametrize("value, message", [
+    ("clip=2,hpsv21=1", "--ensemble-weights 'hpsv21=1': 'hpsv21' is not one of the rewards; use NAME=W with NAME one "
+                        "of ['clip', 'aesthetic'], e.g. clip=2"),
+    ("2", "--ensemble-weights '2': no reward name; use NAME=W with NAME one of ['clip', 'aesthetic'], e.g. clip=2"),
+    ("clip=abc", "--ensemble-weights 'clip=abc': the weight 'abc' is not a finite number >= 0; use NAME=W with W such "
+                 "as 2 or 0.5, e.g. clip=2"),
+    ("clip=1,aesthetic=-1", "--ensemble-weights 'aesthetic=-1': the weight '-1' is not a finite number >= 0"),
+    ("clip=inf", "--ensemble-weights 'clip=inf': the weight 'inf' is not a finite number >= 0"),
+    ("aesthetic=nan", "--ensemble-weights 'aesthetic=nan': the weight 'nan' is not a finite number >= 0"),
+    ("clip=0,aesthetic=0", "--ensemble-weights 'clip=0,aesthetic=0': the weights sum to 0; give at least one of "
+                           "['clip', 'aesthetic'] a weight above 0"),
+])
+def test_bad_ensemble_weights_are_a_one_line_error_naming_the_flag(tmp_path, tiny_rewards, capsys, value, message):
+    folder = colour_folder(tmp_path)
+    capsys.readouterr()
+    code, rows = score_folder(folder, ["p", "p", "q"], tiny_rewards, "--ensemble-weights", value,
+                              reward="clip,aesthetic")
+    err = capsys.readouterr().err
+    assert code == 2 and rows == {} and err.count("\n") == 1
+    assert err.startswith(f"diffalign score: error: {message}")
+
+
+def test_good_ensemble_weights_weigh_the_z_scores(tmp_path, tiny_rewards):
+    folder = colour_folder(tmp_path)
+    code, rows = score_folder(folder, ["p", "p", "p"], tiny_rewards, "--ensemble-weights", "clip=1, aesthetic=0,",
+                              reward="clip,aesthetic")
+    assert code == 0
+    clip = torch.tensor([rows[f"{index}.png"]["clip"] for index in range(3)])
+    z = torch.tensor([rows[f"{index}.png"]["ensemble_z"] for index in range(3)])
+    torch.testing.assert_close(z, per_prompt_zscores(clip, ["p"] * 3))  # aesthetic weighs 0: clip's z-scores
+
+
+@pytest.mark.parametrize("value, limit", [("1e3", 1000), ("1_000", 1000), ("1.6e3", 1600), ("1e9", 10**9),
+                                          ("none", None)])
+def test_max_image_pixels_takes_integers_written_as_in_configs(tmp_path, tiny_rewards, value, limit):
+    folder = colour_folder(tmp_path, count=1)  # 40x40 = 1600 pixels
+    code, rows = score_folder(folder, ["p"], tiny_rewards, "--max-image-pixels", value)
+    error = rows["0.png"]["error"]
+    if limit is not None and limit < 1600:
+        assert code == 1 and f"over the {limit}-pixel limit" in error
+    else:
+        assert code == 0 and error is None
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "1.5", "2.5e-1", "abc", "inf", "nan", "2__000"])
+def test_max_image_pixels_refuses_what_is_not_a_pixel_count(tmp_path, tiny_rewards, capsys, value):
+    folder = colour_folder(tmp_path, count=1)
+    with pytest.raises(SystemExit) as exited:
+        score_folder(folder, ["p"], tiny_rewards, "--max-image-pixels", value)
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"diffalign score: error: argument --max-image-pixels: '{value}' is not a pixel count: give a whole number "
+        "of at least 1 (e.g. 100000000, 1e9 or 2_000_000), or none for no limit")

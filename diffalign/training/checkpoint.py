@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from diffalign.config import ConfigError
@@ -83,20 +84,56 @@ def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def is_finite_checkpoint(path: Path) -> bool:
+    """Whether the checkpoint was saved finite (its state file says so; checked when it was written)."""
     try:
         return json.loads((path / STATE_FILE).read_text()).get("finite") is True
     except (OSError, ValueError):
         return False
 
 
-def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
-    """``latest`` -> newest complete checkpoint saved finite (None when there is none yet); a path -> that folder."""
+def stored_nonfinite(path: Path) -> list[str]:
+    """The tensors stored in ``path`` that hold inf or NaN, read one at a time (memory: one tensor)."""
+    found = []
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    tensor = handle.get_tensor(key)
+                    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                        found.append(f"{file.name}:{key}")
+        except Exception as error:  # safetensors raises its own error type for a damaged header
+            found.append(f"{file.name} (unreadable: {type(error).__name__})")
+    return found
+
+
+def resolve_resume(output_dir: str | Path, resume: str | None, notes: list[str] | None = None) -> Path | None:
+    """``latest`` -> the newest checkpoint that is complete, was saved finite and whose stored tensors are finite
+    (None when there is none yet); a path (absolute, or relative to the working folder or ``output_dir``) ->
+    that folder. Checkpoints passed over are described in ``notes``."""
+    notes = notes if notes is not None else []
+    output_dir = Path(output_dir)
     if not resume:
         return None
     if resume == "latest":
-        checkpoints = [path for _, path in list_checkpoints(output_dir) if is_finite_checkpoint(path)]
-        return checkpoints[-1] if checkpoints else None
+        complete = {path for _, path in list_checkpoints(output_dir)}
+        folders = sorted((int(m.group(1)), child) for child in (output_dir.iterdir() if output_dir.is_dir() else [])
+                         if (m := CHECKPOINT_PATTERN.match(child.name)) and child.is_dir())
+        for _, path in reversed(folders):
+            if path not in complete:
+                notes.append(f"{path} is incomplete (no {STATE_FILE}): passed over")
+            elif not is_finite_checkpoint(path):
+                notes.append(f"{path} was not saved finite: passed over")
+            elif problems := stored_nonfinite(path):
+                notes.append(f"{path} holds non-finite or unreadable tensors ({', '.join(problems[:2])}): passed over")
+            else:
+                return path
+        notes.append(f"train.resume=latest: no usable checkpoint in {output_dir} yet; starting at step 0")
+        return None
     path = Path(resume)
+    if not path.exists() and (output_dir / resume).exists():
+        path = output_dir / resume
+    if not path.is_dir():
+        raise ConfigError(f"train.resume={resume} does not exist; give a checkpoint-N folder or train.resume=latest")
     if not (path / STATE_FILE).is_file():
         raise ConfigError(f"train.resume={resume} is not a complete checkpoint folder (no {STATE_FILE})")
     return path
@@ -168,17 +205,40 @@ def prune_checkpoints(output_dir: Path, total_limit: int | None) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(accelerator, path: Path, parts: TrainingParts) -> dict:
+def load_checkpoint(accelerator, path: Path, parts: TrainingParts, run: dict | None = None) -> dict:
     """Restore ``parts`` and the RNG states from ``path``; returns its ``training_state.json``.
 
-    Raises ``ConfigError`` when the folder holds pickled files (nothing pickled is ever loaded) or its state is
-    not finite."""
+    ``run`` holds the settings the saved state depends on (``run_settings``); a checkpoint saved with others
+    is refused. Raises ``ConfigError`` when the settings differ, the folder holds pickled files (nothing pickled
+    is ever loaded), a file is missing or damaged, or the state is not finite."""
+    state = json.loads((path / STATE_FILE).read_text())
+    for key, value in (run or {}).items():
+        saved = state.get("run", {}).get(key, value)
+        if saved != value:
+            raise ConfigError(f"train.resume: {path} was trained with {key}={saved!r}, this config has {key}={value!r}; "
+                              "resume with the checkpoint's settings, or start afresh in a new train.output_dir")
     pickles = pickled_files(path)
     if pickles:
         names = ", ".join(str(p.relative_to(path)) for p in pickles[:3])
         raise ConfigError(f"train.resume: {path} holds pickled files ({names}). diffalign never unpickles training "
                           "state (a crafted pickle runs code when loaded); resume from a checkpoint written by this "
                           "version (safetensors and JSON only), or remove train.resume to start afresh")
+    try:
+        load_parts(accelerator, path, parts)
+    except ConfigError:
+        raise
+    except Exception as error:  # a missing file (OSError), a missing key, a damaged safetensors header, ...
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(f"train.resume: {path} is damaged or incomplete ({type(error).__name__}: {first}); "
+                          f"resume from an earlier checkpoint, or start afresh") from error
+    problems = parts.nonfinite()
+    if problems:
+        raise ConfigError(f"train.resume: {path} holds non-finite values ({', '.join(problems[:3])}); resume from "
+                          "an earlier checkpoint (train.resume=latest passes over such checkpoints)")
+    return state
+
+
+def load_parts(accelerator, path: Path, parts: TrainingParts) -> None:
     model = unwrap(parts.model)
     if parts.lora:
         load_lora_state(model, load_file(str(path / LORA_STATE_FILE)))
@@ -192,11 +252,18 @@ def load_checkpoint(accelerator, path: Path, parts: TrainingParts) -> dict:
     if hasattr(parts.reference, "load_state_dict"):
         parts.reference.load_state_dict(load_file(str(path / EMA_STATE_FILE)))
     set_rng_state(load_state(path, f"rng_state_{accelerator.process_index}"))
-    problems = parts.nonfinite()
-    if problems:
-        raise ConfigError(f"train.resume: {path} holds non-finite values ({', '.join(problems[:3])}); resume from an "
-                          f"earlier checkpoint. {kept_checkpoint_note(path.parent)}")
-    return json.loads((path / STATE_FILE).read_text())
+
+
+def run_settings(cfg, reference: str) -> dict:
+    """The settings a checkpoint's tensors depend on: a resume with other values would load them wrongly (a LoRA
+    of another rank or alpha, another base model, a reference state that is not there)."""
+    settings = {"model.pretrained": cfg.model.pretrained, "model.revision": cfg.model.revision,
+                "model.variant": cfg.model.variant, "model.vae": cfg.model.vae, "lora.enabled": cfg.lora.enabled,
+                "objective.reference": reference}
+    if cfg.lora.enabled:
+        settings.update({"lora.rank": cfg.lora.rank, "lora.alpha": cfg.lora.alpha,
+                         "lora.target_modules": cfg.lora.target_modules})
+    return settings
 
 
 def sharded_optimizer(accelerator) -> bool:

@@ -44,3 +44,21 @@ def build_lr_scheduler(optimizer, train_cfg, num_processes: int):
         )
     except ValueError as error:
         raise ConfigError(f"train.lr_scheduler={train_cfg.lr_scheduler!r}: {error}") from error
+
+
+def set_base_learning_rate(lr_scheduler, learning_rate: float) -> float | None:
+    """Make ``learning_rate`` the schedule's base lr from the current step on (after a resume, whose optimizer
+    and scheduler state carry the lr they were saved with). Returns the previous base lr when it changed.
+
+    diffusers' schedulers are ``LambdaLR``s: lr = base_lr x lambda(step), so the schedule's shape (warmup, decay)
+    goes on from where it was, scaled to the new base."""
+    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # unwrap accelerate's AcceleratedScheduler
+    previous = list(scheduler.base_lrs)
+    if all(abs(value - learning_rate) <= 1e-12 * max(abs(value), abs(learning_rate)) for value in previous):
+        return None
+    scheduler.base_lrs = [learning_rate] * len(previous)
+    for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = learning_rate
+        group["lr"] = learning_rate * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+    return previous[0]

@@ -1,105 +1,142 @@
-"""One run per output folder: ``train.output_dir/.diffalign.lock`` holds the pid and host of the run using it.
+"""One run per output folder: ``train.output_dir/.diffalign.lock`` names the pid and host of the run using it.
 
 Two runs writing one folder end with the config of one and the weights of the other, and their checkpoint
-rotations delete each other's files. So the main process of a run creates the lock file atomically
-(``O_CREAT | O_EXCL``) before it writes anything, and removes it when the run ends, however it ends.
+rotations delete each other's files. So the main process of a run takes the lock before it writes anything and
+gives it back when the run ends, however it ends (an error, Ctrl-C, SIGTERM: see ``terminate_as_exit``).
 
-- A second run finds the lock and is refused with a ``ConfigError`` that names the holder.
-- A lock left by a dead process (killed with -9, a lost node) is taken over, saying so. A process counts as the
-  same one only if its pid *and* its start time (Linux ``/proc/<pid>/stat``) match, so a recycled pid does not
-  keep a stale lock alive.
-- A lock from another host cannot be checked from here: the run is refused, and the message says to delete the
-  file if that run is known to be gone.
+The lock is an exclusive ``flock`` on the file, held for the life of the run. The kernel drops it when the
+process dies, even by kill -9, so there is no stale-lock guessing and no race between two runs taking over the
+same stale file: one gets the flock, the other is refused.
+
+- A second run finds the flock held and is refused with a ``ConfigError`` naming the holder (from the file).
+- A file left by a dead process on this host (its flock gone) is taken over, saying so.
+- A file written by a run on another host, whose flock this host may not see on a network file system, is
+  refused; the message says to delete the file if that run is known to be gone. A run that ends removes it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
+
+import torch
 
 from diffalign.config import ConfigError
 
 LOCK_NAME = ".diffalign.lock"
+_HELD: dict[Path, int] = {}  # lock path -> the open descriptor carrying this process's flock
 
 
-def process_start_time(pid: int) -> str | None:
-    """Start time of ``pid`` in clock ticks since boot (Linux); None where /proc is not available."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the parenthesised command name
-
-
-def process_alive(pid: int, start_time: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        pass
-    current = process_start_time(pid)
-    return start_time is None or current is None or current == start_time
-
-
-def lock_owner() -> dict:
-    return {"pid": os.getpid(), "host": socket.gethostname(), "start_time": process_start_time(os.getpid()),
-            "since": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)[:300]}
+def describe(holder: dict) -> str:
+    return (f"pid {holder.get('pid')} on host {holder.get('host')} since {holder.get('since')}"
+            f" ({holder.get('command') or 'unknown command'})")
 
 
 def acquire_run_lock(output_dir: str | Path) -> tuple[Path, str | None]:
-    """Create the lock of ``output_dir`` for this process. Returns the lock path and a note when a stale lock
-    was taken over. Raises ``ConfigError`` when a live run (or one on another host) holds the folder."""
+    """Lock ``output_dir`` for this process. Returns the lock path and a note when a dead run's lock was taken
+    over. Raises ``ConfigError`` when a live run, or a run on another host, holds the folder."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    path, note = output_dir / LOCK_NAME, None
-    for _ in range(3):  # a stale lock is removed and creation retried; another run may win that race
+    path = output_dir / LOCK_NAME
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = read_lock(path)
-            if holder is None:  # being written by its creator right now: give it a moment
-                time.sleep(0.5)
-                holder = read_lock(path)
-            if holder is None:  # still unreadable: its creator died between creating and writing it
-                note = f"took over the unreadable lock file {path}"
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                continue
-            where = (f"pid {holder.get('pid')} on host {holder.get('host')} since {holder.get('since')}"
-                     f" ({holder.get('command') or 'unknown command'})")
-            if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
-                if process_alive(holder["pid"], holder.get("start_time")):
-                    raise ConfigError(f"train.output_dir={output_dir} is in use by another run: {where}. Choose "
-                                      "another train.output_dir, or wait for that run to end") from None
-                note = f"took over the lock of {output_dir} left by a run that is no longer running: {where}"
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                continue
-            raise ConfigError(f"train.output_dir={output_dir} is locked by {where}, which cannot be checked from "
-                              f"this host. If that run is gone, delete {path}") from None
-        with os.fdopen(fd, "w") as handle:
-            json.dump(lock_owner(), handle)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = read_lock(path) or {}
+            raise ConfigError(f"train.output_dir={output_dir} is in use by another run: {describe(holder)}. Choose "
+                              "another train.output_dir, or wait for that run to end") from None
+        try:
+            same_file = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same_file = False
+        if not same_file:  # the holder removed the file as we opened it: lock the new one
+            os.close(fd)
+            continue
+        holder = parse_lock(os.read(fd, 1 << 16))
+        note = None
+        if holder is not None:
+            if holder.get("host") != socket.gethostname():
+                os.close(fd)
+                raise ConfigError(f"train.output_dir={output_dir} is locked by {describe(holder)}, which cannot be "
+                                  f"checked from this host. If that run is gone, delete {path}")
+            note = f"took over the lock of {output_dir} left by a run that is no longer running: {describe(holder)}"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(lock_owner()).encode(), 0)
+        _HELD[path] = fd
         return path, note
-    raise ConfigError(f"train.output_dir={output_dir}: could not take the lock {path}; another run keeps taking it")
 
 
-def read_lock(path: Path) -> dict | None:
+def lock_owner() -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": " ".join(sys.argv)[:300]}
+
+
+def parse_lock(data: bytes) -> dict | None:
     try:
-        holder = json.loads(path.read_text())
-    except (OSError, ValueError):
+        holder = json.loads(data)
+    except ValueError:
         return None
     return holder if isinstance(holder, dict) else None
 
 
+def read_lock(path: Path) -> dict | None:
+    try:
+        return parse_lock(path.read_bytes())
+    except OSError:
+        return None
+
+
 def release_run_lock(path: Path) -> None:
-    """Remove the lock if this process still holds it."""
-    holder = read_lock(path)
-    if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+    """Remove the lock file, then drop the flock (in that order, so a waiting run locks a fresh file)."""
+    fd = _HELD.pop(path, None)
+    if fd is None:
+        return
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    os.close(fd)
+
+
+def lock_output_dir(accelerator, output_dir: Path) -> Path | None:
+    """The main process takes the run folder's lock; every process learns whether it did (see ``run_lock``)."""
+    lock, error = None, None
+    if accelerator.is_main_process:
+        try:
+            lock, note = acquire_run_lock(output_dir)
+            if note:
+                accelerator.print(note)
+        except ConfigError as caught:
+            error = caught
+    refused = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), reduction="sum")
+    if error is not None:
+        raise error
+    if refused.item():
+        raise ConfigError(f"train.output_dir={output_dir} is in use by another run (see the main process's message)")
+    return lock
+
+
+@contextlib.contextmanager
+def terminate_as_exit():
+    """SIGTERM (what slurm, Kubernetes and ``timeout`` send) becomes ``SystemExit(143)``, so ``finally`` blocks run
+    and the run folder's lock is released, as on Ctrl-C or an error. Only the main thread can set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -23,9 +23,15 @@ from diffalign.objectives import ObjectiveInputs, get_objective
 from diffalign.training import checkpoint as ckpt
 from diffalign.training.checkpoint import TrainingParts, TrainingStopped
 from diffalign.training.lora import attach_lora, save_lora, trainable_checksum
-from diffalign.training.optim import build_lr_scheduler, build_optimizer, effective_learning_rate
+from diffalign.training.nonfinite import all_processes, apply_update, weights_finite
+from diffalign.training.optim import (
+    build_lr_scheduler,
+    build_optimizer,
+    effective_learning_rate,
+    set_base_learning_rate,
+)
 from diffalign.training.reference import build_reference, unwrap
-from diffalign.training.run_lock import acquire_run_lock, release_run_lock
+from diffalign.training.run_lock import lock_output_dir, release_run_lock, terminate_as_exit
 from diffalign.training.step import batch_tensors, denoising_errors, step_generator
 
 
@@ -91,28 +97,11 @@ def train(cfg: Config) -> TrainResult:
     accelerator = build_accelerator(cfg, output_dir)
     lock = lock_output_dir(accelerator, output_dir)
     try:
-        return train_locked(cfg, accelerator, output_dir)
+        with terminate_as_exit():
+            return train_locked(cfg, accelerator, output_dir)
     finally:
         if lock is not None:
             release_run_lock(lock)
-
-
-def lock_output_dir(accelerator, output_dir: Path) -> Path | None:
-    """The main process takes the run folder's lock; every process learns whether it did (see ``run_lock``)."""
-    lock, error = None, None
-    if accelerator.is_main_process:
-        try:
-            lock, note = acquire_run_lock(output_dir)
-            if note:
-                accelerator.print(note)
-        except ConfigError as caught:
-            error = caught
-    refused = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), reduction="sum")
-    if error is not None:
-        raise error
-    if refused.item():
-        raise ConfigError(f"train.output_dir={output_dir} is in use by another run (see the main process's message)")
-    return lock
 
 
 def train_locked(cfg: Config, accelerator, output_dir: Path) -> TrainResult:
@@ -151,7 +140,8 @@ def train_locked(cfg: Config, accelerator, output_dir: Path) -> TrainResult:
     # Some objectives set their reference from their own hyperparameters (Self-NPO: the teacher's EMA decay).
     overrides = objective.reference_overrides(params) if objective.reference_overrides else {}
     reference_cfg = dataclasses.replace(cfg.objective, **overrides)
-    reference = build_reference(resolve_reference(cfg), reference_cfg, cfg.lora.enabled, denoiser, device, weight_dtype)
+    reference_strategy = resolve_reference(cfg)
+    reference = build_reference(reference_strategy, reference_cfg, cfg.lora.enabled, denoiser, device, weight_dtype)
 
     # ---- data
     dataset, report = prepare_data(cfg, components, accelerator, objective)
@@ -173,13 +163,22 @@ def train_locked(cfg: Config, accelerator, output_dir: Path) -> TrainResult:
     denoiser, optimizer, lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
     parts = TrainingParts(denoiser, optimizer, lr_scheduler, reference, family, cfg.lora.enabled)
 
-    global_step, skipped_steps = 0, 0
-    resume_from = ckpt.resolve_resume(output_dir, cfg.train.resume)
+    global_step, skipped_steps, notes = 0, 0, []
+    run_settings = ckpt.run_settings(cfg, reference_strategy)
+    resume_from = ckpt.resolve_resume(output_dir, cfg.train.resume, notes)
+    for note in notes:
+        accelerator.print(note)
     if resume_from is not None:
-        state = ckpt.load_checkpoint(accelerator, resume_from, parts)
+        state = ckpt.load_checkpoint(accelerator, resume_from, parts, run_settings)
         global_step, skipped_steps = state["global_step"], state["skipped_steps"]
         accelerator.step = global_step * cfg.train.gradient_accumulation_steps
         accelerator.print(f"resumed from {resume_from} at step {global_step}")
+        # The optimizer and scheduler state carry the lr they were saved with; the config's lr is the one to use.
+        learning_rate = effective_learning_rate(cfg.train, accelerator.num_processes)
+        previous = set_base_learning_rate(lr_scheduler, learning_rate)
+        if previous is not None:
+            accelerator.print(f"learning rate changed on resume: base {previous:g} -> {learning_rate:g} "
+                              f"(train.learning_rate); the schedule goes on from step {global_step}")
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / "config.yaml")
@@ -241,8 +240,8 @@ def train_locked(cfg: Config, accelerator, output_dir: Path) -> TrainResult:
                     if not all_processes(accelerator, weights_finite(trainable)):
                         raise TrainingStopped(
                             f"step {global_step + 1}: the update made the trained weights non-finite; stopped "
-                            f"without saving them. {ckpt.kept_checkpoint_note(output_dir)} Lower "
-                            "train.learning_rate or train.max_grad_norm.")
+                            f"without saving them. {ckpt.kept_checkpoint_note(output_dir)} Check "
+                            "train.learning_rate, train.max_grad_norm and train.adam_epsilon.")
                     consecutive_bad = 0
                     if reference is not None:
                         reference.update(denoiser, global_step + 1)
@@ -263,8 +262,9 @@ def train_locked(cfg: Config, accelerator, output_dir: Path) -> TrainResult:
         if consecutive_bad >= cfg.train.max_consecutive_nonfinite:
             progress.close()
             raise TrainingStopped(
-                f"{consecutive_bad} steps in a row skipped for a non-finite loss or gradient, at step {global_step}; "
-                f"stopped. {ckpt.kept_checkpoint_note(output_dir)} Lower train.learning_rate or check the data."
+                f"stopped at step {global_step}: {consecutive_bad} steps in a row skipped for a non-finite loss or "
+                f"gradient. {ckpt.kept_checkpoint_note(output_dir)} Lower train.learning_rate (a resume uses the new "
+                "value) or check the data; if the kept weights have already grown too far, start afresh."
             )
         window_finite = True
         # A checkpoint falls due every checkpointing_steps; one due on a skipped step waits for the next applied
@@ -281,11 +281,14 @@ def train_locked(cfg: Config, accelerator, output_dir: Path) -> TrainResult:
             log_validation(accelerator, components, unwrap(denoiser), cfg, global_step, output_dir, render_validation)
         if checkpoint_due and not consecutive_bad and global_step < cfg.train.max_steps:
             ckpt.save_checkpoint(accelerator, output_dir, global_step,
-                                 {"global_step": global_step, "skipped_steps": skipped_steps},
+                                 {"global_step": global_step, "skipped_steps": skipped_steps, "run": run_settings},
                                  cfg.train.checkpoints_total_limit, parts)
             checkpoint_due = False
     progress.close()
     loop_ended = time.time()
+    if skipped_steps:
+        accelerator.print(f"{skipped_steps} of {global_step} steps were skipped for a non-finite loss or gradient "
+                          "(skipped_steps in run_info.json)")
 
     # ---- outputs
     accelerator.wait_for_everyone()
@@ -322,35 +325,6 @@ def train_locked(cfg: Config, accelerator, output_dir: Path) -> TrainResult:
         write_model_card(cfg, output_dir, run_info, family, base_path=components.pretrained)
     accelerator.end_training()
     return result
-
-
-def apply_update(accelerator, optimizer, lr_scheduler, trainable, max_grad_norm: float) -> bool:
-    """Clip the gradients, then step the optimizer and lr scheduler only when the gradient norm is finite on
-    every process. Returns whether the update was applied.
-
-    A loss can be finite while its gradient overflows (a large learning rate blows the weights up, the next
-    step's gradient is inf); stepping then would write NaN into every weight. Under fp16 accelerate's grad scaler
-    makes that call itself (skipping the step and lowering its scale), so its verdict is taken too."""
-    grad_norm = accelerator.clip_grad_norm_(trainable, max_grad_norm)
-    finite = all_processes(accelerator, grad_norm is None or bool(torch.isfinite(grad_norm)))
-    if not finite and accelerator.scaler is None:
-        return False
-    optimizer.step()
-    if accelerator.scaler is not None and (optimizer.step_was_skipped or not finite):
-        return False
-    lr_scheduler.step()
-    return True
-
-
-def weights_finite(params) -> bool:
-    return bool(torch.stack([torch.isfinite(param).all() for param in params]).all())
-
-
-def all_processes(accelerator, flag: bool) -> bool:
-    """True when ``flag`` holds on every process: steps are skipped or taken everywhere at once, or DDP's
-    gradient all-reduce would hang."""
-    count = accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="sum")
-    return int(count.item()) == accelerator.num_processes
 
 
 def check_timesteps(family, components, timestep_cfg) -> None:
