@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import ROOT, tiny_overrides
 from safetensors.torch import load_file, save_file
+from test_training import flaky_objective
 
 from diffalign.config import ConfigError, load_config
 from diffalign.training.checkpoint import (
@@ -95,28 +96,16 @@ def test_short_blow_up_run_never_exits_0_with_nonfinite_weights(tmp_path, capsys
         assert code == 3 and not final.exists()
 
 
-def grad_poisoned_objective(poisoned_calls):
-    """DPO whose loss is finite on every call but whose gradient is inf on the given calls (sqrt' at 0)."""
-    from diffalign.objectives import Objective, ObjectiveOutput, register_objective
-    from diffalign.objectives.dpo import DPOParams, dpo_objective
-
-    calls = {"n": 0}
-
-    def loss_fn(inputs, params):
-        calls["n"] += 1
-        out = dpo_objective(inputs, params)
-        if calls["n"] in poisoned_calls:
-            total = inputs.policy_err.sum()
-            poison = torch.sqrt(total - total.detach())  # value sqrt(0) = 0, gradient 1 / (2 sqrt(0)) = inf
-            assert torch.isfinite(out.loss + poison)
-            return ObjectiveOutput(loss=out.loss + poison, metrics=out.metrics)
-        return out
-
-    register_objective(Objective(name="grad_poisoned_dpo", params_cls=DPOParams, loss_fn=loss_fn))
+def infinite_gradient(loss, inputs):
+    """The loss unchanged, plus sqrt(x - x) at x = the summed errors: value 0, gradient 1 / (2 sqrt(0)) = inf."""
+    total = inputs.policy_err.sum()
+    poisoned = loss + torch.sqrt(total - total.detach())
+    assert torch.isfinite(poisoned)
+    return poisoned
 
 
 def test_nonfinite_gradient_with_finite_loss_skips_the_step(tmp_path):
-    grad_poisoned_objective({2})
+    flaky_objective({2}, name="grad_poisoned_dpo", corrupt=infinite_gradient)
     result = train(cfg_for(tmp_path, **{"objective.name": "grad_poisoned_dpo", "train.max_steps": 4,
                                         "objective.reference": "ema", "objective.ema_update_every": 1}))
     assert result.global_step == 4 and result.skipped_steps == 1
@@ -125,8 +114,6 @@ def test_nonfinite_gradient_with_finite_loss_skips_the_step(tmp_path):
 
 
 def test_checkpoint_due_on_a_skipped_step_waits_for_the_next_good_one(tmp_path):
-    from test_training import flaky_objective
-
     flaky_objective(nan_calls={3})
     result = train(cfg_for(tmp_path, **{"objective.name": "flaky_dpo", "train.checkpointing_steps": 3}))
     assert result.skipped_steps == 1

@@ -105,8 +105,13 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
     assert any(not torch.allclose(a[k], c[k]) for k in a)
 
 
-def flaky_objective(nan_calls):
-    """DPO, except that the given call numbers return NaN: exercises the trainer's non-finite handling."""
+def nan_loss(loss, inputs):
+    return loss * float("nan")
+
+
+def flaky_objective(nan_calls, name="flaky_dpo", corrupt=nan_loss):
+    """DPO, except that on the given call numbers ``corrupt(loss, inputs)`` replaces the loss (default: NaN):
+    exercises the trainer's non-finite handling."""
     from diffalign.objectives import Objective, ObjectiveOutput, register_objective
     from diffalign.objectives.dpo import DPOParams, dpo_objective
 
@@ -116,10 +121,10 @@ def flaky_objective(nan_calls):
         calls["n"] += 1
         out = dpo_objective(inputs, params)
         if calls["n"] in nan_calls:
-            return ObjectiveOutput(loss=out.loss * float("nan"), metrics=out.metrics)
+            return ObjectiveOutput(loss=corrupt(out.loss, inputs), metrics=out.metrics)
         return out
 
-    register_objective(Objective(name="flaky_dpo", params_cls=DPOParams, loss_fn=loss_fn))
+    register_objective(Objective(name=name, params_cls=DPOParams, loss_fn=loss_fn))
     return calls
 
 
