@@ -188,8 +188,8 @@ def collect_rows(images: str, prompts: str | None, follow_symlinks: bool = False
 
 
 def add_ensemble(rows: list[ScoreRow], names: list[str], weights: dict[str, float] | None) -> str | None:
-    """Add ``ensemble_z`` (weighted mean of per-prompt z-scores) to every scored row, when there are several
-    rewards and at least one prompt has two or more scored images. Without such a prompt every z-score would be 0,
+    """Add ``ensemble_z`` (weighted mean of per-prompt z-scores) to the scored rows of prompts with two or more
+    scored images (the others are left empty), when there are several rewards and at least one such prompt. Without such a prompt every z-score would be 0,
     so the column is left out and the line saying why (``ENSEMBLE_LEFT_OUT``) is returned; else None."""
     from diffalign.rewards.ensemble import zscore_ensemble
 
@@ -198,9 +198,11 @@ def add_ensemble(rows: list[ScoreRow], names: list[str], weights: dict[str, floa
         return None
     if max(Counter(row.prompt for row in scored).values()) < 2:
         return ENSEMBLE_LEFT_OUT
+    counts = Counter(row.prompt for row in scored)
     values = {name: torch.tensor([row.scores[name] for row in scored]) for name in names}
     for row, value in zip(scored, zscore_ensemble(values, [row.prompt for row in scored], weights).tolist()):
-        row.scores["ensemble_z"] = value
+        if counts[row.prompt] >= 2:  # a prompt's only image has no z-score (0 would read as "average")
+            row.scores["ensemble_z"] = value
     return None
 
 
