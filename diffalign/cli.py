@@ -449,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"diffalign {args.command}: stopped: {error}", file=sys.stderr)
             return 3
         raise
+    except KeyboardInterrupt:  # Ctrl-C: the run's finally blocks (lock, progress bars) have run; no traceback
+        print(f"diffalign {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -105,8 +105,10 @@ def test_two_train_runs_into_one_folder(tmp_path):
     assert (run / "pytorch_lora_weights.safetensors").is_file()
 
 
-def test_sigterm_releases_the_lock(tmp_path):
-    """What slurm, Kubernetes and `timeout` send: the run ends, its lock goes with it."""
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_a_stopped_run_releases_the_lock(tmp_path, signum, code):
+    """SIGTERM is what slurm, Kubernetes and `timeout` send, SIGINT is Ctrl-C: the run ends (Ctrl-C with one line,
+    no traceback), and its lock goes with it."""
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     command = [sys.executable, "-m", "diffalign.cli", "train", str(ROOT / "configs/tiny_dpo.yaml"),
@@ -117,7 +119,9 @@ def test_sigterm_releases_the_lock(tmp_path):
         assert child.poll() is None and time.time() < deadline, child.communicate()
         time.sleep(0.5)
     assert (run / LOCK_NAME).exists()
-    child.send_signal(signal.SIGTERM)
-    child.communicate(timeout=120)
-    assert child.returncode == 128 + signal.SIGTERM
+    child.send_signal(signum)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == code
     assert not (run / LOCK_NAME).exists()
+    if signum == signal.SIGINT:
+        assert "Traceback" not in err and err.rstrip().endswith("diffalign train: interrupted")

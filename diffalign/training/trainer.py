@@ -197,94 +197,95 @@ def train_locked(cfg: Config, accelerator, output_dir: Path) -> TrainResult:
     started, first_step_done, first_step = time.time(), None, global_step
     denoiser.train()
     loaded_epoch, batches = None, []
-    while global_step < cfg.train.max_steps:
-        epoch, position = divmod(micro_step, batches_per_epoch)
-        if epoch != loaded_epoch:
-            batches = epoch_batches(len(dataset), cfg.train.batch_size, accelerator.num_processes,
-                                    accelerator.process_index, epoch, cfg.train.seed)
-            loaded_epoch = epoch
-        batch = collate([dataset[item] for item in batches[position]])
-        generator = step_generator(cfg.train.seed, micro_step, accelerator.process_index)
-        micro_step += 1
+    try:  # the bar is closed however the loop ends, so an error or Ctrl-C message starts on its own line
+        while global_step < cfg.train.max_steps:
+            epoch, position = divmod(micro_step, batches_per_epoch)
+            if epoch != loaded_epoch:
+                batches = epoch_batches(len(dataset), cfg.train.batch_size, accelerator.num_processes,
+                                        accelerator.process_index, epoch, cfg.train.seed)
+                loaded_epoch = epoch
+            batch = collate([dataset[item] for item in batches[position]])
+            generator = step_generator(cfg.train.seed, micro_step, accelerator.process_index)
+            micro_step += 1
 
-        with accelerator.accumulate(denoiser):
-            latents, cond = batch_tensors(batch, family, components, device, weight_dtype, dropout_cond,
-                                          cfg.data.prompt_dropout, generator)
-            if objective.custom_step is not None:  # a procedure, not a function of per-sample errors (Self-NPO)
-                output = objective.custom_step(
-                    family=family, components=components, model=denoiser, reference=reference, latents=latents,
-                    cond=cond, empty_cond=empty_cond, generator=generator, device=device, params=params)
-            else:
-                errors = denoising_errors(family, components, denoiser, latents, cond, generator, device, reference,
-                                          cfg.train.timesteps, with_residuals=objective.needs_residuals)
-                output = objective(ObjectiveInputs(
-                    policy_err=errors.policy, ref_err=errors.reference, residuals=errors.residuals,
-                    labels=batch["labels"].to(device) if "labels" in batch else None,
-                    scores=batch["scores"].to(device) if "scores" in batch else None,
-                    global_mean=lambda value: accelerator.reduce(value.detach().mean(), reduction="mean"),
-                ), params)
-            loss = output.loss
-            if all_processes(accelerator, bool(torch.isfinite(loss))):
-                accelerator.backward(loss)
-                for name, value in {"loss": loss.detach(), **output.metrics}.items():
-                    sums[name] = sums.get(name, 0.0) + float(value)
-                sum_count += 1
-            else:
-                window_finite = False
-                # A zero loss over the trainable weights keeps DDP's collective calls in step on every process.
-                accelerator.backward(sum(p.sum() for p in trainable) * 0.0)
-            if accelerator.sync_gradients:
-                applied = window_finite and apply_update(accelerator, optimizer, lr_scheduler, trainable,
-                                                         cfg.train.max_grad_norm)
-                if applied:
-                    if not all_processes(accelerator, weights_finite(trainable)):
-                        raise TrainingStopped(
-                            f"step {global_step + 1}: the update made the trained weights non-finite; stopped "
-                            f"without saving them. {ckpt.kept_checkpoint_note(output_dir)} Check "
-                            "train.learning_rate, train.max_grad_norm and train.adam_epsilon.")
-                    consecutive_bad = 0
-                    if reference is not None:
-                        reference.update(denoiser, global_step + 1)
+            with accelerator.accumulate(denoiser):
+                latents, cond = batch_tensors(batch, family, components, device, weight_dtype, dropout_cond,
+                                              cfg.data.prompt_dropout, generator)
+                if objective.custom_step is not None:  # a procedure, not a function of per-sample errors (Self-NPO)
+                    output = objective.custom_step(
+                        family=family, components=components, model=denoiser, reference=reference, latents=latents,
+                        cond=cond, empty_cond=empty_cond, generator=generator, device=device, params=params)
                 else:
-                    skipped_steps += 1
-                    consecutive_bad += 1
-                    skip_reason = "loss" if not window_finite else "gradient norm"
-                optimizer.zero_grad(set_to_none=True)
+                    errors = denoising_errors(family, components, denoiser, latents, cond, generator, device, reference,
+                                              cfg.train.timesteps, with_residuals=objective.needs_residuals)
+                    output = objective(ObjectiveInputs(
+                        policy_err=errors.policy, ref_err=errors.reference, residuals=errors.residuals,
+                        labels=batch["labels"].to(device) if "labels" in batch else None,
+                        scores=batch["scores"].to(device) if "scores" in batch else None,
+                        global_mean=lambda value: accelerator.reduce(value.detach().mean(), reduction="mean"),
+                    ), params)
+                loss = output.loss
+                if all_processes(accelerator, bool(torch.isfinite(loss))):
+                    accelerator.backward(loss)
+                    for name, value in {"loss": loss.detach(), **output.metrics}.items():
+                        sums[name] = sums.get(name, 0.0) + float(value)
+                    sum_count += 1
+                else:
+                    window_finite = False
+                    # A zero loss over the trainable weights keeps DDP's collective calls in step on every process.
+                    accelerator.backward(sum(p.sum() for p in trainable) * 0.0)
+                if accelerator.sync_gradients:
+                    applied = window_finite and apply_update(accelerator, optimizer, lr_scheduler, trainable,
+                                                             cfg.train.max_grad_norm)
+                    if applied:
+                        if not all_processes(accelerator, weights_finite(trainable)):
+                            raise TrainingStopped(
+                                f"step {global_step + 1}: the update made the trained weights non-finite; stopped "
+                                f"without saving them. {ckpt.kept_checkpoint_note(output_dir)} Check "
+                                "train.learning_rate, train.max_grad_norm and train.adam_epsilon.")
+                        consecutive_bad = 0
+                        if reference is not None:
+                            reference.update(denoiser, global_step + 1)
+                    else:
+                        skipped_steps += 1
+                        consecutive_bad += 1
+                        skip_reason = "loss" if not window_finite else "gradient norm"
+                    optimizer.zero_grad(set_to_none=True)
 
-        if not accelerator.sync_gradients:
-            continue
-        global_step += 1
-        progress.update(1)
-        if first_step_done is None:
-            first_step_done, first_step = time.time(), global_step
-        if consecutive_bad:
-            accelerator.print(f"step {global_step}: non-finite {skip_reason}, step skipped ({consecutive_bad} in a row)")
-        if consecutive_bad >= cfg.train.max_consecutive_nonfinite:
-            progress.close()
-            raise TrainingStopped(
-                f"stopped at step {global_step}: {consecutive_bad} steps in a row skipped for a non-finite loss or "
-                f"gradient. {ckpt.kept_checkpoint_note(output_dir)} Lower train.learning_rate (a resume uses the new "
-                "value) or check the data; if the kept weights have already grown too far, start afresh."
-            )
-        window_finite = True
-        # A checkpoint falls due every checkpointing_steps; one due on a skipped step waits for the next applied
-        # update, so checkpoints only ever follow a good step.
-        checkpoint_due = checkpoint_due or global_step % cfg.train.checkpointing_steps == 0
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            progress.update(1)
+            if first_step_done is None:
+                first_step_done, first_step = time.time(), global_step
+            if consecutive_bad:
+                accelerator.print(f"step {global_step}: non-finite {skip_reason}, step skipped ({consecutive_bad} in a row)")
+            if consecutive_bad >= cfg.train.max_consecutive_nonfinite:
+                raise TrainingStopped(
+                    f"stopped at step {global_step}: {consecutive_bad} steps in a row skipped for a non-finite loss or "
+                    f"gradient. {ckpt.kept_checkpoint_note(output_dir)} Lower train.learning_rate (a resume uses the new "
+                    "value) or check the data; if the kept weights have already grown too far, start afresh."
+                )
+            window_finite = True
+            # A checkpoint falls due every checkpointing_steps; one due on a skipped step waits for the next applied
+            # update, so checkpoints only ever follow a good step.
+            checkpoint_due = checkpoint_due or global_step % cfg.train.checkpointing_steps == 0
 
-        if global_step % cfg.log.every_n_steps == 0 or global_step == cfg.train.max_steps:
-            last_metrics = reduce_metrics(accelerator, sums, sum_count)
-            last_metrics.update(lr=lr_scheduler.get_last_lr()[0], skipped_steps=skipped_steps)
-            sums, sum_count = {}, 0
-            accelerator.log(last_metrics, step=global_step)
-            progress.set_postfix({k: f"{v:.4g}" for k, v in last_metrics.items() if k in ("loss", "implicit_acc")})
-        if cfg.log.validation_every_n_steps and global_step % cfg.log.validation_every_n_steps == 0:
-            log_validation(accelerator, components, unwrap(denoiser), cfg, global_step, output_dir, render_validation)
-        if checkpoint_due and not consecutive_bad and global_step < cfg.train.max_steps:
-            ckpt.save_checkpoint(accelerator, output_dir, global_step,
-                                 {"global_step": global_step, "skipped_steps": skipped_steps, "run": run_settings},
-                                 cfg.train.checkpoints_total_limit, parts)
-            checkpoint_due = False
-    progress.close()
+            if global_step % cfg.log.every_n_steps == 0 or global_step == cfg.train.max_steps:
+                last_metrics = reduce_metrics(accelerator, sums, sum_count)
+                last_metrics.update(lr=lr_scheduler.get_last_lr()[0], skipped_steps=skipped_steps)
+                sums, sum_count = {}, 0
+                accelerator.log(last_metrics, step=global_step)
+                progress.set_postfix({k: f"{v:.4g}" for k, v in last_metrics.items() if k in ("loss", "implicit_acc")})
+            if cfg.log.validation_every_n_steps and global_step % cfg.log.validation_every_n_steps == 0:
+                log_validation(accelerator, components, unwrap(denoiser), cfg, global_step, output_dir, render_validation)
+            if checkpoint_due and not consecutive_bad and global_step < cfg.train.max_steps:
+                ckpt.save_checkpoint(accelerator, output_dir, global_step,
+                                     {"global_step": global_step, "skipped_steps": skipped_steps, "run": run_settings},
+                                     cfg.train.checkpoints_total_limit, parts)
+                checkpoint_due = False
+    finally:
+        progress.close()
     loop_ended = time.time()
     if skipped_steps:
         accelerator.print(f"{skipped_steps} of {global_step} steps were skipped for a non-finite loss or gradient "
