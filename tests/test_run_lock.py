@@ -113,7 +113,10 @@ def test_a_stopped_run_releases_the_lock(tmp_path, signum, code):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     command = [sys.executable, "-m", "diffalign.cli", "train", str(ROOT / "configs/tiny_dpo.yaml"),
                *tiny_overrides(run, **{"train.max_steps": 400, "train.checkpointing_steps": 1000})]
-    child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell's background job (CI may be one) inherits SIGINT ignored, and Python then never raises
+    # KeyboardInterrupt: give the child the default disposition, as an interactive terminal does.
+    child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while not (run / "config.yaml").exists():
         assert child.poll() is None and time.time() < deadline, child.communicate()
