@@ -10,62 +10,24 @@ objectives is the one key ``objective.name`` and the other sections can stay in 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config mistake the user can fix; the message says how."""
-
-
-class ConfigLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, reading every numeric literal a user writes as a number.
-
-    PyYAML implements YAML 1.1, whose floats need a dot and a signed exponent: ``5e3``, ``1e-4`` and ``1.0e12``
-    come back as strings, while YAML 1.2 and every other tool read them as floats. The one extra resolver below
-    (a mantissa with an exponent, no dot needed) fixes that; integers, ``1.5`` and the rest resolve as before.
-    Used for config files, ``base:`` files and command-line overrides alike.
-    """
-
-
-def _unique_mapping(loader: ConfigLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    """A mapping whose keys are unique: YAML forbids duplicates, PyYAML keeps the last one silently."""
-    seen: dict[Any, yaml.Mark] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (first at line {seen[key].line + 1}); keep one", key_node.start_mark)
-        seen[key] = key_node.start_mark
-    return loader.construct_mapping(node, deep=deep)
-
-
-ConfigLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
-ConfigLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
+from diffalign.config_io import (  # noqa: F401  (re-exported: the config's reading helpers)
+    ConfigLoader,
+    apply_overrides,
+    check_choice,
+    dataclass_from_dict,
+    deep_merge,
+    parse_yaml,
+    read_yaml,
 )
-
-
-def parse_yaml(text: str, where: str) -> Any:
-    """YAML text -> Python values with ``ConfigLoader``; a syntax error is a ``ConfigError`` naming ``where``
-    (a file, or an override) and the line and column."""
-    try:
-        return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        position = f" line {mark.line + 1}, column {mark.column + 1}:" if mark is not None else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise ConfigError(f"{where}:{position} invalid YAML: {problem}") from error
+from diffalign.errors import ConfigError, closest  # noqa: F401  (re-exported)
+from diffalign.guidance.segments import parse_segments
+from diffalign.objectives import available_objectives, get_objective
 
 
 @dataclass
@@ -229,12 +191,8 @@ class Config:
             raise ConfigError(f"data.prompt_dropout must be in [0, 1), got {self.data.prompt_dropout}")
         if self.train.learning_rate <= 0:
             raise ConfigError(f"train.learning_rate must be positive, got {self.train.learning_rate}")
-        from diffalign.config_checks import validate_segments, validate_timesteps
-
         validate_timesteps(self.train.timesteps)
         validate_segments(self)
-        from diffalign.objectives import available_objectives, get_objective
-
         get_objective(self.objective.name)
         sections = dict(self.objective.params)
         sections.setdefault(self.objective.name, {})
@@ -252,8 +210,6 @@ class Config:
 
 def resolve_reference(cfg: Config) -> str:
     """The reference strategy to use, after refusing combinations that make no sense."""
-    from diffalign.objectives import get_objective
-
     objective_cfg = cfg.objective
     check_choice("objective.reference", objective_cfg.reference, REFERENCE_STRATEGIES)
     objective = get_objective(objective_cfg.name)
@@ -279,86 +235,6 @@ def resolve_reference(cfg: Config) -> str:
     return reference
 
 
-def check_choice(key: str, value: Any, choices: list[str]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key}={value!r} is not one of {choices}")
-
-
-def closest(name: str, candidates: typing.Iterable[str]) -> str:
-    match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
-    return f" Did you mean '{match[0]}'?" if match else f" Valid keys: {', '.join(sorted(candidates))}."
-
-
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Check a YAML value against a dataclass field's type. Numbers are read by ``ConfigLoader``; here ints are
-    accepted where floats are expected, integral floats (``2e3``) where ints are, and booleans never as numbers."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, vars(typing), {})  # noqa: S307 - our own annotations only
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, key)
-            except ConfigError as error:
-                errors.append(str(error))
-        raise ConfigError(errors[0])
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
-        (item_type,) = typing.get_args(annotation)
-        return [_coerce(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
-    if origin is dict or annotation is Any:
-        return value
-    is_number = isinstance(value, int | float) and not isinstance(value, bool)
-    if annotation is float:
-        if not is_number:
-            raise ConfigError(f"{key} must be a number (e.g. 5000, 5e3 or 1.0e-4), got {value!r}")
-        if not math.isfinite(value):
-            raise ConfigError(f"{key} must be a finite number, got {value!r}")
-        return float(value)
-    if annotation is int:
-        if is_number and float(value).is_integer():
-            return int(value)
-        raise ConfigError(f"{key} must be an integer, got {value!r}")
-    if annotation is bool and not isinstance(value, bool):
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
-    if annotation is str and not isinstance(value, str):
-        if isinstance(value, dict | list) or value is None:
-            raise ConfigError(f"{key} must be a string, got {value!r}")
-        return str(value)
-    return value
-
-
-def dataclass_from_dict(cls: type, raw: dict[str, Any], prefix: str) -> Any:
-    """Build dataclass ``cls`` from ``raw``, refusing unknown keys and wrong types with the dotted key name."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for key, value in raw.items():
-        dotted = f"{prefix}.{key}" if prefix else key
-        if key not in fields:
-            raise ConfigError(f"unknown config key '{dotted}'.{closest(key, fields)}")
-        annotation = hints[key]
-        item_type = (typing.get_args(annotation) or [None])[0]
-        if dataclasses.is_dataclass(annotation):
-            values[key] = dataclass_from_dict(annotation, value or {}, dotted)
-        elif typing.get_origin(annotation) is list and dataclasses.is_dataclass(item_type):
-            if not isinstance(value, list):
-                raise ConfigError(f"{dotted} must be a list, got {value!r}")
-            values[key] = [dataclass_from_dict(item_type, item or {}, f"{dotted}[{i}]") for i, item in enumerate(value)]
-        else:
-            values[key] = _coerce(value, annotation, dotted)
-    return cls(**values)
-
-
 def _config_from_dict(raw: dict[str, Any]) -> Config:
     raw = dict(raw or {})
     objective_raw = dict(raw.pop("objective", None) or {})
@@ -371,55 +247,42 @@ def _config_from_dict(raw: dict[str, Any]) -> Config:
     return cfg
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b=value`` overrides (values parsed as YAML) to a nested dict."""
-    for override in overrides:
-        if "=" not in override:
-            raise ConfigError(f"override '{override}' must look like key.sub=value, e.g. train.max_steps=100")
-        key, _, text = override.partition("=")
-        parts = key.strip().split(".")
-        node = raw
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{override}': '{part}' is not a section")
-        node[parts[-1]] = parse_yaml(text, f"override '{override}'") if text.strip() else None
-    return raw
-
-
-def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A config file, with ``base: other.yaml`` (relative to the file) merged underneath it."""
-    if not path.is_file():
-        raise ConfigError(f"config file {path} not found; see configs/ for examples, e.g. configs/tiny_dpo.yaml")
+def validate_segments(cfg: Config) -> None:
+    if not cfg.segments:
+        return
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        line = path.read_bytes()[: error.start].count(b"\n") + 1
-        raise ConfigError(f"{path}: line {line} is not UTF-8 text (byte {error.object[error.start]:#04x}); "
-                          "save the config as UTF-8") from error
-    raw = parse_yaml(text, str(path)) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a mapping of config sections, got {type(raw).__name__}")
-    base = raw.pop("base", None)
-    if base is None:
-        return raw
-    if not isinstance(base, str) or not base.strip():
-        raise ConfigError(f"{path}: base must be the path of another config file (relative to this one), "
-                          f"e.g. 'base: tiny_dpo.yaml', got {base!r}")
-    base_path = (path.parent / base).resolve()
-    if base_path in seen:
-        raise ConfigError(f"{path}: 'base: {base}' makes a cycle")
-    return deep_merge(read_yaml(base_path, (*seen, base_path)), raw)
+        parse_segments([(segment.name or f"segment {i}", segment.interval) for i, segment in enumerate(cfg.segments)])
+    except ValueError as error:
+        raise ConfigError(f"segments: {error}") from error
+    if cfg.train.timesteps.interval is not None:
+        raise ConfigError("train.timesteps.interval is set per segment by segments[].interval; remove it")
+    names = [segment.name for segment in cfg.segments if segment.name]
+    if len(names) != len(set(names)):
+        raise ConfigError(f"segments: names must be unique, got {names}")
+    for i, segment in enumerate(cfg.segments):
+        dataclass_from_dict(DataConfig, deep_merge(dataclasses.asdict(cfg.data), segment.data), f"segments[{i}].data")
+
+
+def validate_timesteps(ts: TimestepConfig) -> None:
+    check_choice("train.timesteps.sampling", ts.sampling, ["auto", "uniform", "logit_normal"])
+    if ts.logit_std <= 0:
+        raise ConfigError(f"train.timesteps.logit_std must be positive, got {ts.logit_std}")
+    check_choice("train.timesteps.weighting", ts.weighting, ["none", "min_snr", "table"])
+    if ts.interval is not None:
+        if len(ts.interval) != 2 or not 0 <= ts.interval[0] < ts.interval[1]:
+            raise ConfigError(f"train.timesteps.interval must be [t_lo, t_hi) with 0 <= t_lo < t_hi, got {ts.interval}")
+    if ts.weighting == "min_snr" and ts.min_snr_gamma <= 0:
+        raise ConfigError(f"train.timesteps.min_snr_gamma must be positive, got {ts.min_snr_gamma}")
+    if ts.weighting == "table":
+        if not ts.weight_table:
+            raise ConfigError("train.timesteps.weighting=table needs train.timesteps.weight_table: [[t_lo, t_hi, weight], ...]")
+        spans = sorted((row[0], row[1]) for row in ts.weight_table if len(row) == 3)
+        if len(spans) != len(ts.weight_table) or any(lo >= hi for lo, hi in spans):
+            raise ConfigError(f"train.timesteps.weight_table rows must be [t_lo, t_hi, weight] with t_lo < t_hi, got {ts.weight_table}")
+        if any(prev_hi > lo for (_, prev_hi), (lo, _) in zip(spans, spans[1:])):
+            raise ConfigError(f"train.timesteps.weight_table intervals overlap: {ts.weight_table}")
+    elif ts.weight_table:
+        raise ConfigError("train.timesteps.weight_table is set but train.timesteps.weighting is not 'table'")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from diffalign.errors import DataError
 from diffalign.images import load_image
 
 # An image is either encoded bytes (parquet / hub data) or a path to a file (local folders).
@@ -29,10 +30,6 @@ class PreferenceRecord:
     labels: list[float] | None = None
     scores: list[float] | None = None
     tie: bool = False  # kept tie (data.drop_ties=false): the order of images carries no preference
-
-
-class DataError(ValueError):
-    """Bad input that cannot be skipped: a schema mismatch, or any bad record under data.strict=true."""
 
 
 @dataclass

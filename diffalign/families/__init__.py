@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from diffalign.config import ConfigError, closest
+from diffalign.errors import ConfigError, closest
 from diffalign.families.base import DiffusionComponents, Family
 from diffalign.families.sd import StableDiffusionFamily
 from diffalign.families.sd3 import StableDiffusion3Family

@@ -65,7 +65,7 @@ class StableDiffusion3Family(Family):
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-        from diffalign.config import ConfigError
+        from diffalign.errors import ConfigError
         from diffalign.families import read_model_index
 
         common = dict(revision=model_cfg.revision)

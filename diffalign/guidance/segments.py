@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from diffalign.config import parse_yaml
+from diffalign.config_io import parse_yaml
 from diffalign.text import read_text
 
 SCHEDULE_TOP = 1000  # num_train_timesteps of every supported family: t = 1000 is sigma = 1 in flow matching

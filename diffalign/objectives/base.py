@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from diffalign.config import ConfigError, closest, dataclass_from_dict
+from diffalign.config_io import dataclass_from_dict
+from diffalign.errors import ConfigError, closest
 
 
 def local_mean(tensor: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from diffalign.config import ConfigError, closest
+from diffalign.errors import ConfigError, closest
 
 
 class RewardModel:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from diffalign.config import ConfigError, closest
+from diffalign.errors import ConfigError, closest
 from diffalign.images import to_rgb
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -31,7 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from diffalign.config import ConfigError
+from diffalign.errors import ConfigError, TrainingStopped
 from diffalign.training.lora import load_lora_state, peft_state_dict, save_lora
 from diffalign.training.reference import unwrap
 from diffalign.training.state_io import load_state, nonfinite_tensors, pickled_files, save_state
@@ -41,10 +41,6 @@ STATE_FILE = "training_state.json"
 LORA_STATE_FILE = "lora_state.safetensors"
 MODEL_STATE_FILE = "denoiser.safetensors"
 EMA_STATE_FILE = "ema_reference.safetensors"
-
-
-class TrainingStopped(RuntimeError):
-    """The run stopped early (repeated non-finite steps, or a non-finite update); finite checkpoints are kept."""
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from diffalign.config import ConfigError
+from diffalign.errors import ConfigError
 
 
 def build_optimizer(params, train_cfg, learning_rate: float) -> torch.optim.Optimizer:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from diffalign.config import ConfigError
+from diffalign.errors import ConfigError
 
 LOCK_NAME = ".diffalign.lock"
 _HELD: dict[Path, int] = {}  # lock path -> the open descriptor carrying this process's flock

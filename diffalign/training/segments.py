@@ -12,7 +12,8 @@ import copy
 import dataclasses
 from pathlib import Path
 
-from diffalign.config import Config, DataConfig, dataclass_from_dict, deep_merge, save_config
+from diffalign.config import Config, DataConfig, save_config
+from diffalign.config_io import dataclass_from_dict, deep_merge
 
 
 def segment_config(cfg: Config, index: int) -> Config:
