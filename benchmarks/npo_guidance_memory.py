@@ -59,7 +59,7 @@ DEFAULT_RESOLUTION = {"sd15": 128, "tiny": 32}
 
 # ---------------------------------------------------------------------------------------------- assets
 def bench_dir(size: str) -> Path:
-    from diffalign.tiny import cache_root
+    from diffalign.paths import cache_root
 
     return cache_root() / "bench" / f"npo-guidance-{size}"
 
@@ -71,7 +71,7 @@ def build_sd15_random(out_dir: Path, seed: int = 0) -> None:
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from diffalign.tiny import build_clip_tokenizer, sd15_scheduler_config, tiny_vae
+    from diffalign.offline.models import build_clip_tokenizer, sd15_scheduler_config, tiny_vae
 
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(
@@ -119,7 +119,8 @@ def build_random_loras(base: str, out_dirs: dict[str, Path], seed: int = 1) -> N
 
 def prepare(size: str) -> dict[str, str]:
     """Paths of the base and of the two LoRAs, built on first use (atomically, so a killed build leaves nothing)."""
-    from diffalign.tiny import build_atomically, resolve_model_spec
+    from diffalign.offline.specs import resolve_model_spec
+    from diffalign.paths import build_atomically
 
     root = bench_dir(size)
     if size == "sd15":

@@ -4,7 +4,7 @@
     python benchmarks/toy_alignment.py --objectives dpo        # DPO only (with the cached base: a few minutes)
     python benchmarks/toy_alignment.py --out runs/toy --rebuild   # retrain every LoRA (the base stays cached)
 
-Steps (``diffalign.toy_alignment``): the toy base ``tiny:toy`` (pre-trained here on red or blue shapes, cached
+Steps (``diffalign.offline.toy_loop``): the toy base ``tiny:toy`` (pre-trained here on red or blue shapes, cached
 under $DIFFALIGN_CACHE) -> ``diffalign pairs`` with the ``toy_redness`` reward -> ``diffalign train`` with
 ``configs/toy/<objective>.yaml`` -> ``diffalign eval`` of every setup against the base on held-out seeds.
 The baseline is the base model, sampled in the same run with the same seeds. Prints a table (win rate vs base
@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from diffalign.toy_alignment import OBJECTIVES, ToySettings, format_table, run_toy_alignment
+from diffalign.offline.toy_loop import OBJECTIVES, ToySettings, format_table, head_to_head, run_toy_alignment
 
 
 def machine() -> str:
@@ -56,8 +56,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.eval_images} held-out images per setup, paired by seed with the base (same run)\n")
     print(format_table(rows))
     if any(row.setup == "dpo+npo-guided" for row in rows):
-        from diffalign.toy_alignment import head_to_head
-
         versus = head_to_head(out / "eval", "dpo+npo-guided", "dpo")
         print(f"\nNPO guidance on top of DPO vs DPO alone (same seeds): win rate {versus.rate:.3f} "
               f"[{versus.low:.3f}, {versus.high:.3f}], mean reward {versus.mean_aligned:+.4f} vs {versus.mean_base:+.4f}")

@@ -1,6 +1,8 @@
 """Run configuration: one dataclass per YAML section, dotted command-line overrides, validation with clear errors.
 
-    cfg = load_config("configs/tiny_dpo.yaml", ["train.max_steps=20", "objective.dpo.beta=2500"])
+    >>> cfg = load_config("configs/tiny_dpo.yaml", ["train.max_steps=20", "objective.dpo.beta=2500"])
+    >>> cfg.train.max_steps, cfg.objective.params["dpo"]["beta"]
+    (20, 2500.0)
 
 Unknown keys are errors that name the closest valid key. Objective hyperparameters live in a sub-section named
 after the objective (``objective.dpo.beta``), checked against that objective's own dataclass, so switching
@@ -32,7 +34,7 @@ from diffalign.objectives import available_objectives, get_objective
 
 @dataclass
 class ModelConfig:
-    pretrained: str = "tiny:sd15"  # hub id, local diffusers folder, or tiny:<family> (built offline on first use)
+    pretrained: str = "tiny:sd15"  # hub id, local diffusers folder, or tiny:<model> (built offline on first use)
     revision: str | None = None
     variant: str | None = None  # e.g. "fp16" weight files on the hub
     family: str = "auto"  # auto = read from the checkpoint's model_index.json

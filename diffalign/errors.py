@@ -27,6 +27,11 @@ class DataError(DiffalignError, ValueError):
     """Bad input that cannot be skipped: a schema mismatch, or any bad record under ``data.strict=true``."""
 
 
+class MissingFile(DataError, FileNotFoundError):
+    """A file or folder the user named is not there: a ``DataError`` (one line from the CLI) that is also a
+    ``FileNotFoundError`` for callers that catch that."""
+
+
 class ModelError(DiffalignError, ValueError):
     """A model, LoRA or checkpoint that cannot be loaded or does not fit the request."""
 

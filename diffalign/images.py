@@ -13,7 +13,10 @@ What it does, in order:
    tag 274), with ``PIL.ImageOps.exif_transpose``, as ``diffusers.utils.load_image`` does.
 4. Converts to RGB (``to_rgb``: transparency composited on white, 16-bit rescaled).
 
-This module imports only Pillow and the standard library, so anything may import it.
+The one image grid of diffalign is here too: ``labelled_grid`` (validation images, ``diffalign sample``, ``pairs``
+and ``eval`` overviews).
+
+This module imports only Pillow, numpy, the standard library and ``diffalign.errors``, so anything may import it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ import threading
 import warnings
 from pathlib import Path
 
-from PIL import Image, ImageOps
+import numpy as np
+from PIL import Image, ImageDraw, ImageOps
+
+from diffalign.errors import DataError
 
 PILLOW_MAX_PIXELS = 89_478_485  # Pillow's default Image.MAX_IMAGE_PIXELS (1024 * 1024 * 1024 // 4 // 3)
 SETTING_HINT = "raise it with data.max_image_pixels=N (diffalign score: --max-image-pixels N)"
@@ -31,7 +37,7 @@ ORIENTATION = 0x0112  # the EXIF / TIFF Orientation tag (274)
 _PILLOW_GUARD = threading.Lock()
 
 
-class ImageTooLarge(ValueError):
+class ImageTooLarge(DataError):
     """An image whose width x height is over the pixel limit; the message names the setting that raises it."""
 
     def __init__(self, width: int, height: int, limit: int):
@@ -116,8 +122,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     if image.mode in (*SIXTEEN_BIT_MODES, "I"):
-        import numpy as np
-
         array = np.asarray(image, dtype=np.float64)
         scaled = np.clip(array / sample_peak(image, array) * 255, 0, 255)
         return Image.fromarray(scaled.round().astype("uint8")).convert("RGB")
@@ -135,3 +139,50 @@ def sample_peak(image: Image.Image, array) -> float:
         if (bits if isinstance(bits, tuple) else (bits,)) == (16,):
             return 65535.0
     return 65535.0 if array.size and array.max() > 255 else 255.0
+
+
+# ---------------------------------------------------------------------------------------------- grids
+MIN_CELL = 128  # tiny 32 px images are enlarged to this so the grid is readable
+STRIP = 14  # height of a text strip (column header, row caption, cell caption)
+
+
+def cell_size(image: Image.Image) -> tuple[int, int]:
+    factor = -(-MIN_CELL // image.width) if image.width < MIN_CELL else 1
+    return image.width * factor, image.height * factor
+
+
+def labelled_grid(rows: list[list[Image.Image]], row_labels: list[str] | None = None,
+                  cell_labels: list[list[str]] | None = None, column_labels: list[str] | None = None,
+                  borders: list[list[str | None]] | None = None) -> Image.Image:
+    """Images in rows, every cell the size of the first image (enlarged to >= 128 px wide).
+
+    Layout, top to bottom: a header strip with ``column_labels``; then per row a caption strip (``row_labels``),
+    the images, and a strip under each image with its ``cell_labels``. Each strip is 14 px and present only when
+    its labels are given, so the size is ``(columns * cell_w, header + rows * (caption + cell_h + cell_caption))``.
+    ``borders`` names an outline colour per cell (None = no outline).
+    """
+    assert rows and rows[0], "a grid needs at least one image"
+    width, height = cell_size(rows[0][0])
+    columns = max(len(row) for row in rows)
+    header = STRIP if column_labels else 0
+    caption = STRIP if row_labels else 0
+    under = STRIP if cell_labels else 0
+    row_height = caption + height + under
+    grid = Image.new("RGB", (columns * width, header + len(rows) * row_height), "white")
+    draw = ImageDraw.Draw(grid)
+    chars = max(width // 6, 1)  # the default bitmap font is about 6 px per character
+    for col, label in enumerate(column_labels or []):
+        draw.text((col * width + 2, 1), label[:chars], fill="black")
+    for r, row in enumerate(rows):
+        top = header + r * row_height
+        if row_labels:
+            draw.text((2, top + 1), row_labels[r][: columns * chars], fill="black")
+        for col, image in enumerate(row):
+            left, image_top = col * width, top + caption
+            grid.paste(image.convert("RGB").resize((width, height), Image.NEAREST), (left, image_top))
+            colour = borders[r][col] if borders else None
+            if colour:
+                draw.rectangle((left, image_top, left + width - 1, image_top + height - 1), outline=colour, width=3)
+            if cell_labels:
+                draw.text((left + 2, image_top + height + 1), cell_labels[r][col][:chars], fill="black")
+    return grid

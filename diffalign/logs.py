@@ -1,8 +1,10 @@
 """Messages through ``accelerate.logging``: printed once per run, not once per process.
 
-    logger = get_logger(__name__)
-    logger.info("data: kept %d records", kept)                  # the main process only
-    logger.warning("rank-local problem", main_process_only=False)  # every process, prefixed with its rank
+    >>> logger = get_logger("diffalign.example")
+    >>> logger.info("data: kept %d records", 64)                       # the main process only
+    data: kept 64 records
+    >>> logger.warning("rank-local problem", main_process_only=False)  # every process, prefixed with its rank
+    rank-local problem
 
 The ``diffalign`` logger writes plain lines to the *current* ``sys.stdout`` (looked up at each message, so
 redirection and pytest's capture see them), at level INFO. Set ``DIFFALIGN_LOG_LEVEL=WARNING`` to quieten it,
@@ -28,7 +30,7 @@ class _CurrentStdout(logging.StreamHandler):
         super().__init__(sys.stdout)
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.setStream(sys.stdout)
+        self.stream = sys.stdout  # not setStream: that flushes the old stream, which may be closed by now
         super().emit(record)
 
 

@@ -1,8 +1,13 @@
 """One way to register: a named table of entries, each with a one-line description and a source.
 
-    FAMILIES = Registry("family", "model.family")
-    FAMILIES.register("sd15", family, description="Stable Diffusion 1.x", source="CompVis/stable-diffusion")
-    FAMILIES.get("sd15")   # unknown names: a ConfigError naming the closest one
+    >>> COLOURS = Registry("colour", "--colour")
+    >>> COLOURS.register("red", (255, 0, 0), description="the colour of the toy reward", source="diffalign")
+    (255, 0, 0)
+    >>> COLOURS.get("red"), COLOURS.names()
+    ((255, 0, 0), ['red'])
+    >>> COLOURS.get("rde")
+    Traceback (most recent call last):
+    diffalign.errors.ConfigError: --colour: unknown colour 'rde'. Did you mean 'red'? Available: red
 
 Objectives, model families, rewards, data formats, prompt sets and samplers each keep one ``Registry``;
 ``diffalign list`` prints them, the CLI reads its choices from them, and the README tables are checked
@@ -40,9 +45,10 @@ class Registry(Generic[T]):
         self.kind, self.option = kind, option
         self._entries: dict[str, Entry[T]] = {}
 
-    def register(self, name: str, value: T, *, description: str, source: str = "") -> T:
-        """Add ``value`` under ``name`` and return it. Raises ``ValueError`` when the name is taken."""
-        if name in self._entries:
+    def register(self, name: str, value: T, *, description: str, source: str = "", replace: bool = False) -> T:
+        """Add ``value`` under ``name`` and return it. Raises ``ValueError`` when the name is taken, unless
+        ``replace`` (registering again from a notebook cell, or a test run twice)."""
+        if name in self._entries and not replace:
             raise ValueError(f"{self.kind} '{name}' is already registered")
         self._entries[name] = Entry(name, value, description.strip(), source.strip())
         return value

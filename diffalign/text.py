@@ -1,13 +1,21 @@
 """Reading text that users hand us: line by line, strictly as UTF-8, with every problem named by file and line.
 
-    for line in text_lines(path):              # TextLine(number, text, problem); number is 1-based
-        if line.problem: skip(line.problem)     # "line 3 of /x/metadata.jsonl is not UTF-8 (byte 0xff at column 12)"
-    text_problem(value)                         # why a value (a prompt) is not usable text, or None
-    read_text(path)                             # a small whole file (a JSON document); TextError on the first problem
-    json_array_items(path)                      # the items of a large top-level JSON array, one at a time
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> path = Path(tempfile.mkdtemp()) / "prompts.txt"
+    >>> _ = path.write_bytes(b"a fox\\n\\xff bad\\n")
+    >>> for line in text_lines(path):          # TextLine(number, text, problem); number is 1-based
+    ...     print(line.number, line.text, line.problem)
+    1 a fox None
+    2 None line 2 of .../prompts.txt is not UTF-8 (byte 0xff at column 1)
+    >>> text_problem(3)                       # why a value (a prompt) is not usable text, or None
+    'prompt is a number (3), not text'
+
+``read_text(path)`` reads a small whole file (a JSON document), with a ``TextError`` on the first problem;
+``json_array_items(path)`` yields the items of a large top-level JSON array one at a time.
 
 Every reader of prompts, captions and metadata goes through these (``diffalign.data.jsonl``, ``hpdv2``,
-``readers.make_record``, ``guidance.sample.read_prompts``, ``evaluation.prompts``, ``rewards.scoring``,
+``validation.make_record``, ``evaluation.prompts``, ``rewards.scoring``,
 ``evaluation.pairs``), so bad text is reported the same way everywhere: a counted skip naming the file and line
 where skipping one line makes sense, a one-line ``TextError`` where it does not.
 
@@ -16,7 +24,10 @@ lone surrogates (from a ``\\udXXX`` JSON escape, or from an undecodable byte in 
 byte-order mark at the start of a file is dropped, as Windows editors write one. Lines end at ``\\n``; a ``\\r``
 before it is dropped too.
 
-This module imports nothing from diffalign, so every part of the package can use it.
+Writing: ``write_jsonl(path, entries)`` writes the JSON-lines files diffalign hands back (views of ``diffalign
+pairs``, scores of ``diffalign eval``, the tiny data), one object per line.
+
+This module imports only ``diffalign.errors``, so every part of the package can use it.
 """
 
 from __future__ import annotations
@@ -28,10 +39,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from diffalign.errors import DataError
+
 MAX_JSON_ITEM_CHARS = 64 * 2**20  # json_array_items: one item larger than this is an error, not a memory blow-up
 
 
-class TextError(ValueError):
+class TextError(DataError):
     """Text that cannot be read at all (one line, naming the file and where in it)."""
 
 
@@ -114,7 +127,7 @@ def json_problem(error: json.JSONDecodeError) -> str:
 
 
 class LineSkips:
-    """Lines a prompt reader skipped, counted per reason with the first example, for one printed line."""
+    """Lines a prompt reader skipped, counted per reason with the first example, for one logged line."""
 
     def __init__(self) -> None:
         self.counts: Counter = Counter()
@@ -130,6 +143,18 @@ class LineSkips:
             return None
         reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(self.counts.items()))
         return f"{what}: kept {kept}, skipped {sum(self.counts.values())} ({reasons}); first: {self.first}"
+
+
+def write_jsonl(path: str | Path, entries: list[dict]) -> Path:
+    """Write ``entries`` as JSON lines (one object per line, ``\\n`` after each), creating the parent folder.
+
+    Returns:
+        ``path`` as a ``Path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(entry) + "\n" for entry in entries))
+    return path
 
 
 # ---------------------------------------------------------------------------------------------- large JSON arrays

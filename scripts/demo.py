@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from diffalign.toy_alignment import ToySettings, format_table, run_toy_alignment
+from diffalign.offline.toy_loop import ToySettings, format_table, run_toy_alignment
 
 
 def main() -> int:

@@ -16,14 +16,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def tiny_model_path() -> str:
-    from diffalign.tiny import resolve_model_spec
+    from diffalign.offline.specs import resolve_model_spec
 
     return resolve_model_spec("tiny:sd15")
 
 
 @pytest.fixture(scope="session")
 def tiny_data_path() -> str:
-    from diffalign.tiny import resolve_data_spec
+    from diffalign.offline.specs import resolve_data_spec
 
     return resolve_data_spec("tiny:pairs")
 

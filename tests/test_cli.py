@@ -1,12 +1,15 @@
 """The command line: help with working examples, tiny builders, clear one-line errors."""
 
 import json
+import os
+import shlex
 import subprocess
 import sys
 
-from conftest import ROOT
+from conftest import ROOT, tiny_overrides
 
-from diffalign.cli import main
+import diffalign.cli as cli
+from diffalign.cli import build_parser, main
 
 
 def run_cli(*args):
@@ -32,6 +35,17 @@ def test_help_examples_name_real_configs():
         for word in text.split():
             if word.startswith("configs/"):
                 assert (ROOT / word).is_file(), word
+
+
+def test_every_help_example_parses():
+    # each example line of every --help is a command the parser accepts (flags, choices, required arguments)
+    parser = build_parser()
+    texts = [getattr(cli, name) for name in cli.__all__ if name.endswith("_EXAMPLES")]
+    commands = [line.strip() for text in texts for line in text.replace("\\\n", " ").splitlines()
+                if line.strip().startswith("diffalign ")]
+    assert len(texts) == 9 and len(commands) > 30
+    for command in commands:
+        parser.parse_args(shlex.split(command, comments=True)[1:])
 
 
 def test_tiny_model_and_data_commands_build_loadable_outputs(tmp_path):
@@ -61,7 +75,7 @@ def test_tiny_sd3_command_builds_a_stock_sd3_pipeline_with_a_working_t5_tokenize
 def test_tiny_tokenizer_matches_open_clip():
     import open_clip
 
-    from diffalign.tiny import build_clip_tokenizer
+    from diffalign.offline.models import build_clip_tokenizer
 
     text = "A Red squaré, with commas! 123"
     ours = build_clip_tokenizer()(text).input_ids
@@ -81,9 +95,23 @@ def test_readme_objective_table_covers_every_objective():
     from diffalign.objectives import available_objectives, get_objective
 
     readme = (ROOT / "README.md").read_text()
-    shipped = [n for n in available_objectives() if get_objective(n).loss_fn.__module__.startswith("diffalign.")]
+    shipped = [n for n in available_objectives() if get_objective(n).params_cls.__module__.startswith("diffalign.")]
     assert len(shipped) >= 8
     for name in shipped:
         assert f"| `{name}` |" in readme, name
         assert (ROOT / "configs" / f"tiny_{name}.yaml").is_file(), name
         assert (ROOT / "configs" / f"sd15_{name}.yaml").is_file(), name
+
+
+def test_under_accelerate_launch_only_the_main_process_prints_results(tmp_path, tiny_model_path, tiny_data_path):
+    run = tmp_path / "ddp"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(ROOT / "scripts" / "train.py"), "--config", str(ROOT / "configs" / "tiny_dpo.yaml"),
+               *tiny_overrides(run, **{"train.max_steps": 2, "train.batch_size": 2, "train.checkpointing_steps": 10})]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    printed = completed.stdout.splitlines()
+    assert [line for line in printed if line.startswith(("LoRA:", "weights:", "model card:"))] == [
+        f"LoRA:        {run / 'pytorch_lora_weights.safetensors'}", f"model card:  {run / 'README.md'}"]

@@ -60,7 +60,7 @@ def rewards():
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory, tiny_model_path, rewards):
-    from diffalign.tiny import build_tiny_lora
+    from diffalign.offline.lora import build_tiny_lora
 
     root = tmp_path_factory.mktemp("eval")
     lora = build_tiny_lora(root / "lora", seed=5, std=0.2)
@@ -128,8 +128,8 @@ def test_report_files(evaluated):
 
 
 def test_eval_command(tmp_path, tiny_model_path, capsys):
+    from diffalign.offline.lora import build_tiny_lora
     from diffalign.rewards.tiny import tiny_reward_path
-    from diffalign.tiny import build_tiny_lora
 
     lora = build_tiny_lora(tmp_path / "lora", seed=6)
     out = tmp_path / "out"

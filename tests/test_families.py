@@ -13,8 +13,25 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, tiny_overrides
+from diffusers import DDIMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from safetensors import safe_open
 
 from diffalign.config import Config, load_config
+from diffalign.data import read_preferences
+from diffalign.data.records import open_image
+from diffalign.evaluation.pairs import PairSettings, generate_pairs
+from diffalign.evaluation.report import run_eval
+from diffalign.families import load_components
+from diffalign.guidance import load_pipeline
+from diffalign.guidance.sample import SampleSettings
+from diffalign.objectives import ObjectiveInputs, get_objective
+from diffalign.offline.lora import build_tiny_lora
+from diffalign.offline.specs import resolve_model_spec
+from diffalign.rewards import build_reward
+from diffalign.training.lora import attach_lora
+from diffalign.training.reference import build_reference
+from diffalign.training.step import denoising_errors
+from diffalign.training.trainer import train
 
 FAMILIES = ["sd15", "sd2v", "sdxl", "sd3"]
 PROMPT, NEGATIVE, STEPS, SCALE = "a red square on a grey background", "blue shapes", 3, 4.0
@@ -22,16 +39,12 @@ PROMPT, NEGATIVE, STEPS, SCALE = "a red square on a grey background", "blue shap
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def family_model(request) -> tuple[str, str]:
-    from diffalign.tiny import resolve_model_spec
-
     return request.param, resolve_model_spec(f"tiny:{request.param}")
 
 
 def test_each_family_trains_towards_its_own_target(family_model):
     """The target follows the checkpoint: sd2v's is v = alpha_t * eps - sigma_t * x0, sd15 and sdxl's eps, and
     sd3's the flow velocity eps - x0 at x_t = (1 - sigma) x0 + sigma eps with sigma = t / 1000; by hand."""
-    from diffalign.families import load_components
-
     name, path = family_model
     cfg = Config()
     cfg.model.pretrained = path
@@ -54,14 +67,6 @@ def test_each_family_trains_towards_its_own_target(family_model):
 
 
 def test_dpo_lowers_its_loss_on_a_fixed_batch(family_model, tiny_data_path):
-    from diffalign.data import read_preferences
-    from diffalign.data.records import open_image
-    from diffalign.families import load_components
-    from diffalign.objectives import ObjectiveInputs, get_objective
-    from diffalign.training.lora import attach_lora
-    from diffalign.training.reference import build_reference
-    from diffalign.training.step import denoising_errors
-
     _, path = family_model
     cfg = Config()
     cfg.model.pretrained = path
@@ -111,9 +116,6 @@ save_file({"latents": latents.contiguous()}, out, metadata={"pipeline": type(pip
 
 
 def test_trained_lora_reloads_in_the_stock_pipeline_in_a_fresh_process(family_model, tmp_path):
-    from diffalign.families import load_components
-    from diffalign.training.trainer import train
-
     name, path = family_model
     cfg = load_config(ROOT / "configs" / "tiny_dpo.yaml",
                       tiny_overrides(tmp_path / "run", **{"model.pretrained": path, "lora.rank": 4, "lora.alpha": 8,
@@ -131,8 +133,6 @@ def test_trained_lora_reloads_in_the_stock_pipeline_in_a_fresh_process(family_mo
     out = tmp_path / "reloaded.safetensors"
     subprocess.run([sys.executable, str(script), path, str(result.output_dir), str(out)], check=True,
                    capture_output=True)
-    from safetensors import safe_open
-
     with safe_open(str(out), framework="pt") as handle:
         reloaded = {"latents": handle.get_tensor("latents"), **handle.metadata()}
     assert reloaded["pipeline"] == type(pipe).__name__
@@ -144,8 +144,6 @@ def test_trained_lora_reloads_in_the_stock_pipeline_in_a_fresh_process(family_mo
 
 def hand_written_npo_sampling(base, positive, npo):
     """Two separate stock pipelines (base + positive LoRA, base + NPO LoRA), combined by the CFG formula."""
-    from diffusers import DDIMScheduler, DiffusionPipeline
-
     pos_pipe, neg_pipe = DiffusionPipeline.from_pretrained(base), DiffusionPipeline.from_pretrained(base)
     pos_pipe.load_lora_weights(positive)
     neg_pipe.load_lora_weights(npo)
@@ -177,8 +175,6 @@ def hand_written_npo_sampling(base, positive, npo):
 
 def hand_written_flow_npo_sampling(pos_pipe, neg_pipe):
     """SD3: the transformer takes pooled projections, the flow-matching Euler scheduler steps along the velocity."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
     cond, uncond, pooled, pooled_uncond = pos_pipe.encode_prompt(PROMPT, None, None, device="cpu",
                                                                  num_images_per_prompt=1,
                                                                  do_classifier_free_guidance=True,
@@ -198,9 +194,6 @@ def hand_written_flow_npo_sampling(pos_pipe, neg_pipe):
 
 
 def test_npo_guided_sampling_equals_the_two_denoiser_reference(family_model, tmp_path):
-    from diffalign.guidance import load_pipeline
-    from diffalign.tiny import build_tiny_lora
-
     name, path = family_model
     positive = str(build_tiny_lora(tmp_path / "pos", base=path, seed=1))
     npo = str(build_tiny_lora(tmp_path / "npo", base=path, seed=2))
@@ -214,13 +207,6 @@ def test_npo_guided_sampling_equals_the_two_denoiser_reference(family_model, tmp
 
 
 def test_pairs_train_and_eval_run(family_model, tmp_path):
-    from diffalign.evaluation.pairs import PairSettings, generate_pairs
-    from diffalign.evaluation.report import run_eval
-    from diffalign.guidance import load_pipeline
-    from diffalign.guidance.sample import SampleSettings
-    from diffalign.rewards import build_reward
-    from diffalign.training.trainer import train
-
     _, path = family_model
     rewards = {"toy_redness": build_reward("toy_redness")}
     settings = PairSettings(images_per_prompt=2, steps=2, guidance_scale=3.0, batch_size=4)

@@ -13,7 +13,7 @@ PROMPT, NEGATIVE, STEPS, SCALE = "a red square on a grey background", "blue shap
 
 @pytest.fixture(scope="module")
 def loras(tmp_path_factory, tiny_model_path):
-    from diffalign.tiny import build_tiny_lora
+    from diffalign.offline.lora import build_tiny_lora
 
     root = tmp_path_factory.mktemp("loras")
     return {name: str(build_tiny_lora(root / name, seed=seed)) for seed, name in enumerate(["pos", "npo", "a", "b"])}

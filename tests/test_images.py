@@ -17,6 +17,8 @@ from PIL import Image
 
 from diffalign.config import Config, DataConfig
 from diffalign.data import DataError, SkipReport, open_image, read_preferences
+from diffalign.data.formats import Row
+from diffalign.data.validation import make_record
 from diffalign.images import PILLOW_MAX_PIXELS, ImageTooLarge, load_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,8 +102,6 @@ def oriented_pairs(tmp_path) -> tuple[str, str]:
 
 
 def test_readers_keep_oriented_images_and_decode_them_upright(tmp_path):
-    from diffalign.data.readers import Row, make_record
-
     for source in oriented_pairs(tmp_path):
         records, report = read_preferences(DataConfig(), source)
         assert report.kept == 1 and report.total_skipped == 0
@@ -121,7 +121,7 @@ def sdxl_components():
 
 
 def sdxl_config(cache_dir) -> Config:
-    from diffalign.tiny import resolve_model_spec
+    from diffalign.offline.specs import resolve_model_spec
 
     cfg = Config()
     cfg.model.pretrained = resolve_model_spec("tiny:sdxl")

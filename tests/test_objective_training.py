@@ -24,7 +24,7 @@ def fixed_batch(request, tiny_data_path):
     from diffalign.data import read_preferences
     from diffalign.data.records import open_image
     from diffalign.families import load_components
-    from diffalign.tiny import redness
+    from diffalign.rewards.toy import redness
 
     cfg = Config()
     cfg.model.pretrained = request.param

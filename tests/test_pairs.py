@@ -11,14 +11,8 @@ from PIL import Image
 from diffalign.cli import main
 from diffalign.config import DataConfig
 from diffalign.data import adapt_records, read_preferences
-from diffalign.evaluation.pairs import (
-    PairSettings,
-    build_views,
-    generate_pairs,
-    kto_labels,
-    read_groups,
-    select_pairs,
-)
+from diffalign.evaluation.pair_selection import PairSettings, build_views, kto_labels, select_pairs
+from diffalign.evaluation.pairs import generate_pairs, read_groups
 from diffalign.objectives import get_objective
 from diffalign.rewards.ensemble import zscore_ensemble
 

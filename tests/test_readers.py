@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from diffalign.config import DataConfig
-from diffalign.data import DataError, open_image, read_preferences
+from diffalign.config import DataConfig, load_config
+from diffalign.data import FORMATS, DataError, open_image, read_preferences
+from diffalign.errors import ConfigError
 
 RED, BLUE, GREEN = (255, 0, 0), (0, 0, 255), (0, 255, 0)
 
@@ -233,3 +234,11 @@ def test_streaming_a_parquet_table_reads_the_same_records(tiny_data_path, monkey
     assert isinstance(loaded[0], datasets.IterableDataset)  # really streamed, not downloaded
     assert [(r.index, r.prompt, r.images) for r in streamed] == [(r.index, r.prompt, r.images) for r in full]
     assert streamed_report.kept == full_report.kept == 10
+
+
+def test_the_config_accepts_exactly_the_registered_data_formats():
+    for name in FORMATS.names():
+        assert load_config(None, [f"data.format={name}"]).data.format == name
+        assert FORMATS.entry(name).description
+    with pytest.raises(ConfigError, match="data.format"):
+        load_config(None, ["data.format=parquet"])

@@ -10,9 +10,9 @@ import torch
 from conftest import ROOT, tiny_overrides
 
 from diffalign.config import Config, ConfigError, load_config
+from diffalign.families.timesteps import min_snr_weights, sample_discrete_timesteps, table_weights
 from diffalign.training.reference import EmaReference, FrozenCopyReference, LoraEmaReference
 from diffalign.training.step import denoising_errors
-from diffalign.training.timesteps import min_snr_weights, sample_discrete_timesteps, table_weights
 
 
 def small_net():
@@ -96,7 +96,7 @@ def test_interval_sampling_stays_inside_the_segment():
 
 def test_logit_normal_ddpm_timesteps_floor_the_density_onto_the_grid_inside_the_interval():
     from diffalign.config import TimestepConfig
-    from diffalign.training.timesteps import sample_ddpm_timesteps
+    from diffalign.families.timesteps import sample_ddpm_timesteps
 
     cfg = TimestepConfig(sampling="logit_normal", interval=[200, 400])
     t = sample_ddpm_timesteps(1000, 5000, torch.Generator().manual_seed(0), cfg, "logit_normal")

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from diffalign.cli import main
-from diffalign.guidance.sample import read_prompts
+from diffalign.evaluation.prompts import read_prompts
 
 
 def test_read_prompts_from_string_file_jsonl_and_set(tmp_path):
@@ -26,7 +26,7 @@ def test_read_prompts_from_string_file_jsonl_and_set(tmp_path):
 
 def test_sample_command_writes_images_log_and_grid(tmp_path, tiny_model_path):
     from diffalign.guidance import load_pipeline
-    from diffalign.tiny import build_tiny_lora
+    from diffalign.offline.lora import build_tiny_lora
 
     lora, npo = build_tiny_lora(tmp_path / "pos", seed=1), build_tiny_lora(tmp_path / "npo", seed=2)
     out = tmp_path / "out"
@@ -56,7 +56,7 @@ def test_sample_errors_are_one_line(tmp_path, tiny_model_path, capsys):
 
 def test_sample_command_reads_a_segments_file(tmp_path, tiny_model_path):
     from diffalign.guidance import Segment, write_segments
-    from diffalign.tiny import build_tiny_lora
+    from diffalign.offline.lora import build_tiny_lora
 
     early, late = build_tiny_lora(tmp_path / "early", seed=3), build_tiny_lora(tmp_path / "late", seed=4)
     segments = write_segments(tmp_path / "segments.yaml", [Segment(str(early), (500, 1000)), Segment(str(late), (0, 500))])

@@ -5,17 +5,25 @@ import math
 
 import pytest
 import torch
+from conftest import ROOT, assert_cached_and_uncached_train_alike, tiny_overrides
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from safetensors import safe_open
 
-from diffalign.config import Config, TimestepConfig
+from diffalign.config import Config, TimestepConfig, load_config
+from diffalign.errors import ConfigError
+from diffalign.families import load_components
 from diffalign.families.sd3 import flow_matching_noisy, flow_matching_target, shift_levels, unshift_levels
-from diffalign.training.timesteps import sample_unit_levels
+from diffalign.families.timesteps import sample_unit_levels
+from diffalign.guidance import load_pipeline
+from diffalign.offline.lora import build_tiny_lora
+from diffalign.offline.models import build_tiny_sd3
+from diffalign.offline.specs import resolve_model_spec
+from diffalign.training.lora import export_kohya
+from diffalign.training.trainer import train
 
 
 @pytest.fixture(scope="module")
 def sd3():
-    from diffalign.families import load_components
-    from diffalign.tiny import resolve_model_spec
-
     cfg = Config()
     cfg.model.pretrained = resolve_model_spec("tiny:sd3")
     return load_components(cfg.model)
@@ -49,8 +57,6 @@ def test_family_noises_at_sigma_t_over_1000_and_splits_the_velocity(sd3):
 
 
 def test_the_shift_maps_levels_like_the_scheduler():
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     u = torch.linspace(1.0, 0.001, 1000, dtype=torch.float64)  # the scheduler's unshifted training grid
     torch.testing.assert_close(shift_levels(u, 3.0).float(), scheduler.sigmas.float())
@@ -108,9 +114,6 @@ def test_conditioning_equals_the_stock_pipeline_encoding(sd3):
 
 
 def test_without_t5_the_text_states_end_in_zeros_as_in_the_pipeline(tmp_path):
-    from diffalign.families import load_components
-    from diffalign.tiny import build_tiny_sd3
-
     path = build_tiny_sd3(tmp_path / "no_t5", with_t5=False)
     cfg = Config()
     cfg.model.pretrained = str(path)
@@ -124,10 +127,6 @@ def test_without_t5_the_text_states_end_in_zeros_as_in_the_pipeline(tmp_path):
 
 
 def test_lora_targets_the_joint_attention_and_saves_in_the_sd3_format(tmp_path):
-    from safetensors import safe_open
-
-    from diffalign.tiny import build_tiny_lora
-
     run = build_tiny_lora(tmp_path / "lora", base="tiny:sd3")
     with safe_open(str(run / "pytorch_lora_weights.safetensors"), framework="pt") as handle:
         keys = list(handle.keys())
@@ -137,16 +136,11 @@ def test_lora_targets_the_joint_attention_and_saves_in_the_sd3_format(tmp_path):
     adapted = {key.split(".lora")[0].rsplit(".", 1)[-1] if "to_out" not in key else "to_out.0" for key in keys}
     assert adapted == {"to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"}
     assert "lora_adapter_metadata" in metadata  # alpha survives the reload
-    from diffalign.training.lora import export_kohya
-
     with pytest.raises(ValueError, match="SD3 transformer LoRA stays in the diffusers format"):
         export_kohya(run)
 
 
 def test_segments_switch_in_sigma_units(tmp_path):
-    from diffalign.guidance import load_pipeline
-    from diffalign.tiny import build_tiny_lora, resolve_model_spec
-
     path = resolve_model_spec("tiny:sd3")
     high = str(build_tiny_lora(tmp_path / "high", base=path, seed=1))
     pipe = load_pipeline(path, segments=[{"lora": high, "interval": [500, 1000]}])
@@ -161,8 +155,6 @@ def test_segments_switch_in_sigma_units(tmp_path):
 
 
 def test_ddpm_schedulers_are_refused_for_a_flow_model():
-    from diffalign.guidance import load_pipeline
-
     with pytest.raises(ValueError, match="flow_euler"):
         load_pipeline("tiny:sd3", scheduler="ddim")
     with pytest.raises(ValueError, match="ddim"):
@@ -170,11 +162,6 @@ def test_ddpm_schedulers_are_refused_for_a_flow_model():
 
 
 def test_training_refuses_min_snr_on_sd3_before_any_work(tmp_path):
-    from conftest import ROOT, tiny_overrides
-
-    from diffalign.config import ConfigError, load_config
-    from diffalign.training.trainer import train
-
     cfg = load_config(ROOT / "configs" / "tiny_sd3_dpo.yaml",
                       tiny_overrides(tmp_path / "run", **{"train.timesteps.weighting": "min_snr"}))
     with pytest.raises(ConfigError, match="flow matching use weighting=table"):
@@ -183,9 +170,6 @@ def test_training_refuses_min_snr_on_sd3_before_any_work(tmp_path):
 
 
 def test_resolution_must_tile_into_whole_patches():
-    from diffalign.families import load_components
-    from diffalign.tiny import resolve_model_spec
-
     cfg = Config()
     cfg.model.pretrained = resolve_model_spec("tiny:sd3")
     cfg.model.resolution = 36  # a multiple of the VAE factor 4, not of 4 x patch size 2
@@ -194,18 +178,10 @@ def test_resolution_must_tile_into_whole_patches():
 
 
 def test_two_dpo_steps_train_cached_and_uncached_alike_and_render_validation(tmp_path):
-    from conftest import assert_cached_and_uncached_train_alike
-
     assert_cached_and_uncached_train_alike("tiny_sd3_dpo.yaml", tmp_path)  # T5 states cached too
 
 
 def test_full_fine_tune_saves_a_transformer_folder_the_pipeline_takes(tmp_path):
-    from conftest import ROOT, tiny_overrides
-    from diffusers import DiffusionPipeline, SD3Transformer2DModel
-
-    from diffalign.config import load_config
-    from diffalign.training.trainer import train
-
     cfg = load_config(ROOT / "configs" / "tiny_sd3_dpo.yaml", tiny_overrides(
         tmp_path / "run", **{"lora.enabled": False, "train.max_steps": 2, "train.learning_rate": 1e-3}))
     result = train(cfg)
@@ -226,6 +202,4 @@ def test_full_fine_tune_saves_a_transformer_folder_the_pipeline_takes(tmp_path):
 
 
 def _base_path(cfg) -> str:
-    from diffalign.tiny import resolve_model_spec
-
     return resolve_model_spec(cfg.model.pretrained)

@@ -9,6 +9,12 @@ from conftest import assert_cached_and_uncached_train_alike
 from PIL import Image
 
 from diffalign.config import Config
+from diffalign.data import read_preferences
+from diffalign.data.cache import build_feature_cache, model_fingerprint
+from diffalign.data.dataset import CachedPreferenceDataset, RawPreferenceDataset, collate
+from diffalign.families import load_components
+from diffalign.offline.specs import resolve_model_spec
+from diffalign.training.step import batch_tensors, expand_cond
 
 # (width, height) of each image and its (orig_h, orig_w, crop_top, crop_left) at 32 px, worked out by hand:
 # the shorter side is resized to 32, then the centre 32x32 square is cropped out of the resized image.
@@ -23,15 +29,11 @@ PAIRS = [((48, 32), (32, 64)), ((80, 40), (16, 24)), ((32, 64), (80, 40)), ((16,
 
 @pytest.fixture(scope="module")
 def sdxl_path() -> str:
-    from diffalign.tiny import resolve_model_spec
-
     return resolve_model_spec("tiny:sdxl")
 
 
 @pytest.fixture(scope="module")
 def components(sdxl_path):
-    from diffalign.families import load_components
-
     cfg = Config()
     cfg.model.pretrained = sdxl_path
     return load_components(cfg.model)
@@ -65,8 +67,6 @@ def test_family_is_detected_and_encodes_prompts_as_the_stock_pipeline(components
 
 
 def test_expand_cond_orders_per_image_conditioning_like_the_latents():
-    from diffalign.training.step import expand_cond
-
     cond = {"text": torch.tensor([[1.0], [2.0]]), "time_ids": torch.tensor([[[10.0], [11.0]], [[20.0], [21.0]]])}
     flat = expand_cond(cond, 2, ("time_ids",))
     # [image 0 of every record; image 1 of every record]
@@ -76,11 +76,6 @@ def test_expand_cond_orders_per_image_conditioning_like_the_latents():
 
 @pytest.mark.parametrize("cached", [True, False], ids=["cached", "uncached"])
 def test_time_ids_follow_each_images_original_size_and_crop(components, odd_sized_pairs, tmp_path, cached):
-    from diffalign.data import read_preferences
-    from diffalign.data.cache import build_feature_cache
-    from diffalign.data.dataset import CachedPreferenceDataset, RawPreferenceDataset, collate
-    from diffalign.training.step import batch_tensors
-
     cfg = Config()
     cfg.data.cache_dir = str(tmp_path / "features")
     records, _ = read_preferences(cfg.data, odd_sized_pairs)
@@ -123,9 +118,6 @@ def test_two_dpo_steps_train_cached_and_uncached_alike(sdxl_path, odd_sized_pair
 
 
 def test_separate_vae_option_loads_it_in_the_training_dtype_and_keys_the_cache(sdxl_path, components):
-    from diffalign.data.cache import model_fingerprint
-    from diffalign.families import load_components
-
     assert components.vae_dtype == torch.float32  # SDXL's own VAE overflows in fp16: kept in fp32
     cfg = Config()
     cfg.model.pretrained, cfg.model.vae = sdxl_path, f"{sdxl_path}/vae"

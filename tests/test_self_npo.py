@@ -37,7 +37,7 @@ def schedule(t):
     """alpha_t, sigma_t of the SD1.5 schedule at t (an int or a list), as (N, 1, 1, 1) tensors."""
     from diffusers import DDPMScheduler
 
-    from diffalign.tiny import sd15_scheduler_config
+    from diffalign.offline.models import sd15_scheduler_config
 
     alphas_cumprod = DDPMScheduler.from_config(sd15_scheduler_config()).alphas_cumprod.to(F64)
     a = alphas_cumprod[t]
@@ -133,15 +133,15 @@ def test_params_defaults_validation_and_registration():
     params = objective.parse_params({})
     assert (params.guidance_weight, params.grid_steps, params.teacher_steps, params.huber_c, params.ema_decay) == \
         (-1.0, 25, 5, 0.001, 0.999)
-    assert objective.custom_step is not None and objective.needs_reference
+    assert objective.step == "self_npo" and objective.loss_fn is None and objective.needs_reference
     assert (objective.images_per_record, objective.data_kind) == (1, "images")
     for bad, match in (({"teacher_steps": 0}, "teacher_steps"), ({"huber_c": 0.0}, "huber_c"),
                        ({"ema_decay": 1.0}, "ema_decay"), ({"grid_steps": 0}, "grid_steps"),
                        ({"guidance": -1}, "Did you mean 'guidance_weight'")):
         with pytest.raises(ConfigError, match=match):
             objective.parse_params(bad)
-    with pytest.raises(ValueError, match="custom_step"):
-        objective.loss_fn(None, params)
+    with pytest.raises(TypeError, match="training step procedure"):
+        objective(None, params)
 
 
 def test_reference_resolves_to_ema_and_none_is_refused():
@@ -166,7 +166,7 @@ class ToyComponents:
     def __init__(self, prediction_type="epsilon"):
         from diffusers import DDPMScheduler
 
-        from diffalign.tiny import sd15_scheduler_config
+        from diffalign.offline.models import sd15_scheduler_config
 
         self.noise_scheduler = DDPMScheduler.from_config({**sd15_scheduler_config(), "prediction_type": prediction_type})
 

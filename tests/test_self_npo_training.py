@@ -66,7 +66,7 @@ def test_images_kind_splits_every_record_into_single_images():
 
 
 def test_tiny_captions_spec():
-    from diffalign.tiny import resolve_data_spec
+    from diffalign.offline.specs import resolve_data_spec
 
     records, report = read_preferences(DataConfig(), resolve_data_spec("tiny:captions"))
     assert len(records) == 128 and report.total_skipped == 0
@@ -80,7 +80,7 @@ def test_tiny_captions_spec():
 def test_self_npo_lowers_its_loss_on_a_fixed_batch_of_the_tiny_model(model, prediction_type):
     from diffalign.data.records import open_image
     from diffalign.families import load_components
-    from diffalign.tiny import resolve_data_spec
+    from diffalign.offline.specs import resolve_data_spec
     from diffalign.training.lora import attach_lora
     from diffalign.training.reference import build_reference
 
@@ -123,16 +123,16 @@ def test_self_npo_lowers_its_loss_on_a_fixed_batch_of_the_tiny_model(model, pred
 def test_train_tiny_config_writes_a_lora_that_stock_diffusers_loads(tmp_path, tiny_model_path, monkeypatch):
     from diffusers import StableDiffusionPipeline
 
-    from diffalign.training import trainer
+    from diffalign.training import setup, trainer
 
     seen = {}
-    build = trainer.build_reference
+    build = setup.build_reference
 
     def spy(strategy, objective_cfg, *args):
         seen.update(strategy=strategy, decay=objective_cfg.ema_decay, every=objective_cfg.ema_update_every)
         return build(strategy, objective_cfg, *args)
 
-    monkeypatch.setattr(trainer, "build_reference", spy)
+    monkeypatch.setattr(setup, "build_reference", spy)
     cfg = load_config(ROOT / "configs/tiny_self_npo.yaml",
                       tiny_overrides(tmp_path / "run", **{"train.max_steps": 3, "objective.self_npo.ema_decay": 0.9}))
     result = trainer.train(cfg)

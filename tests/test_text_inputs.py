@@ -16,8 +16,7 @@ from PIL import Image
 from diffalign.config import DataConfig
 from diffalign.data import DataError, read_preferences
 from diffalign.evaluation.pairs import read_groups
-from diffalign.evaluation.prompts import load_prompts
-from diffalign.guidance.sample import read_prompts
+from diffalign.evaluation.prompts import load_prompts, read_prompts
 from diffalign.rewards.scoring import collect_rows, read_prompt_map
 from diffalign.text import TextError, json_array_items, read_text, text_lines, text_problem
 

@@ -4,19 +4,33 @@ The full loop (pre-trained base -> pairs -> DPO -> eval) is the slow-marked test
 """
 
 import json
+import os
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
+from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from diffalign.tiny import draw_shape
+from diffalign.offline.data import draw_shape
+from diffalign.offline.specs import resolve_model_spec
+from diffalign.offline.toy_base import ToyBaseSettings, build_toy_base, toy_images, toy_prompts
+from diffalign.offline.toy_loop import (
+    OBJECTIVES,
+    ToyRow,
+    ToySettings,
+    eval_setups,
+    format_table,
+    head_to_head,
+    run_toy_alignment,
+    toy_config,
+)
+from diffalign.rewards import available_rewards, build_reward
+from diffalign.rewards.toy import redness
 
 
 def test_toy_reward_is_registered_and_prefers_red():
-    import random
-
-    from diffalign.rewards import available_rewards, build_reward
-
     assert "toy_redness" in available_rewards()
     reward = build_reward("toy_redness")
     rng = random.Random(0)
@@ -25,8 +39,6 @@ def test_toy_reward_is_registered_and_prefers_red():
     scores = reward.score([red, blue, grey], ["a circle", "a circle", "anything"])
     assert scores[0] > 0 > scores[1] and scores[2] == 0
     # (R - B) / 255 averaged by hand
-    import numpy as np
-
     pixels = np.asarray(red, dtype=np.float64)
     assert scores[0].item() == pytest.approx((pixels[..., 0] - pixels[..., 2]).mean() / 255, abs=1e-6)
     with pytest.raises(ValueError, match="no weights"):
@@ -34,24 +46,16 @@ def test_toy_reward_is_registered_and_prefers_red():
 
 
 def test_toy_images_are_balanced_deterministic_and_prompts_never_name_the_colour():
-    from diffalign.toy import toy_images, toy_prompts
-
     images, prompts, colours = toy_images(600, seed=3)
     again = toy_images(600, seed=3)
     assert colours == again[2] and list(images[5].getdata()) == list(again[0][5].getdata())
     assert 0.4 < colours.count("red") / 600 < 0.6
     assert set(prompts) == set(toy_prompts()) and not any("red" in p or "blue" in p for p in prompts)
     # the colour is visible in the pixels: the toy reward separates the two perfectly
-    from diffalign.tiny import redness
-
     assert all((redness(image) > 0) == (colour == "red") for image, colour in zip(images, colours))
 
 
 def test_build_toy_base_saves_a_stock_pipeline_with_a_measured_scaling_factor(tmp_path):
-    from diffusers import StableDiffusionPipeline
-
-    from diffalign.toy import ToyBaseSettings, build_toy_base
-
     settings = ToyBaseSettings(num_images=48, vae_steps=2, vae_batch_size=8, unet_steps=3, unet_batch_size=8,
                                balance_samples=4)
     out = build_toy_base(tmp_path / "toy", settings=settings)
@@ -66,8 +70,6 @@ def test_build_toy_base_saves_a_stock_pipeline_with_a_measured_scaling_factor(tm
 
 
 def test_loop_plumbing_setups_configs_and_table(tmp_path):
-    from diffalign.toy_alignment import OBJECTIVES, ToyRow, eval_setups, format_table, toy_config
-
     setups = eval_setups(["dpo", "npo", "self_npo", "dpo_segments", "kto"], tmp_path)
     assert setups["base"] == {} and setups["dpo"] == {"lora": str(tmp_path / "dpo")}
     assert setups["npo-guided"] == {"npo": str(tmp_path / "npo")}  # a negative LoRA goes on the uncond branch
@@ -88,8 +90,6 @@ def test_loop_plumbing_setups_configs_and_table(tmp_path):
 
 
 def test_head_to_head_pairs_two_setups_by_prompt_and_seed(tmp_path):
-    from diffalign.toy_alignment import head_to_head
-
     rows = []
     # guided beats dpo on 3 of 4 images and ties one; base rows must be ignored
     for setup, values in {"dpo": [0.1, 0.2, 0.3, 0.4], "guided": [0.2, 0.3, 0.3, 0.5], "base": [9, 9, 9, 9]}.items():
@@ -105,11 +105,6 @@ def test_head_to_head_pairs_two_setups_by_prompt_and_seed(tmp_path):
 def test_toy_world_dpo_moves_the_model_towards_the_reward(tmp_path):
     """The product loop on the pre-trained toy base, shortened: fewer pairs and eval images, so a lower bar than
     the benchmark's 0.75. The base is cached in the user's cache (it is deterministic and versioned)."""
-    import os
-
-    from diffalign.tiny import resolve_model_spec
-    from diffalign.toy_alignment import ToySettings, run_toy_alignment
-
     user_cache = Path.home() / ".cache" / "diffalign"
     previous = os.environ["DIFFALIGN_CACHE"]
     os.environ["DIFFALIGN_CACHE"] = str(user_cache)

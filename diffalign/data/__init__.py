@@ -1,9 +1,11 @@
-"""Preference data: records, readers for hub / parquet / local jsonl sources, skip reporting, and adapting
-records to the data kind an objective needs."""
+"""Preference data: records, readers for hub / parquet / local jsonl sources (one ``FORMATS`` entry per
+``data.format``), skip reporting, and adapting records to the data kind an objective needs."""
 
+from diffalign.data.formats import FORMATS
 from diffalign.data.kinds import DATA_KINDS, adapt_records
 from diffalign.data.readers import read_preferences
-from diffalign.data.records import DataError, ImageSource, PreferenceRecord, SkipReport, open_image
+from diffalign.data.records import ImageSource, PreferenceRecord, SkipReport, open_image
+from diffalign.errors import DataError
 
-__all__ = ["DATA_KINDS", "DataError", "ImageSource", "PreferenceRecord", "SkipReport", "adapt_records", "open_image",
-           "read_preferences"]
+__all__ = ["DATA_KINDS", "FORMATS", "DataError", "ImageSource", "PreferenceRecord", "SkipReport", "adapt_records",
+           "open_image", "read_preferences"]

@@ -28,11 +28,11 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from diffalign.data.records import ImageSource, PreferenceRecord, open_image
+from diffalign.errors import DataError
+from diffalign.paths import cache_root
 
 
 def default_cache_dir() -> Path:
-    from diffalign.tiny import cache_root
-
     return cache_root() / "features"
 
 
@@ -94,7 +94,7 @@ class FeatureCache:
         """(orig_h, orig_w, crop_top, crop_left), int64; the same for both orientations (see Family.image_size)."""
         tensors = load_file(str(self.latent_path(key)))
         if "image_size" not in tensors:
-            raise ValueError(f"cached latents {self.latent_path(key)} lack the image size this model family needs; "
+            raise DataError(f"cached latents {self.latent_path(key)} lack the image size this model family needs; "
                              f"delete {self.latent_dir} to rebuild them")
         return tensors["image_size"]
 

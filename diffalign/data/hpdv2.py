@@ -39,7 +39,7 @@ Bad items are counted skips naming the item and its line ("item 12 (line 1) of /
 image list that is not 2+ file names, or a file that is not there), ``unknown_label`` (``human_preference`` not
 0/1, one per image), ``no_preference`` (no image preferred), ``tie`` (every image preferred, or every rank
 equal), ``bad_scores`` (``rank`` not numbers, one per image), ``bad_text`` / ``empty_prompt`` (see
-``readers.make_record``). A file whose first item has none of these keys is not HPDv2: the error lists the
+``validation.make_record``). A file whose first item has none of these keys is not HPDv2: the error lists the
 formats we read.
 
 Memory: the file (hundreds of MB for train.json) is streamed item by item (``diffalign.text.json_array_items``),
@@ -54,8 +54,10 @@ from pathlib import Path
 from typing import Any
 
 from diffalign.config import DataConfig
-from diffalign.data.readers import EXPECTED_SOURCES, HPDV2_SHAPE, Row, checked_prompt, is_number, schema_error
-from diffalign.data.records import DataError, SkipReport
+from diffalign.data.formats import EXPECTED_SOURCES, HPDV2_SHAPE, Row, schema_error
+from diffalign.data.records import SkipReport
+from diffalign.data.validation import checked_prompt, is_number
+from diffalign.errors import DataError
 from diffalign.text import TextError, describe_value, json_array_items, text_problem
 
 IMAGE_KEYS = ("file_path", "image_path")  # train.json (README, HPSv2 training code) / test.json
@@ -76,6 +78,11 @@ def hpdv2_file(source: str, split: str) -> Path | None:
         raise DataError(f"data.source={source} holds {others[0]}.json but no {split}.json (data.split={split}); set "
                         f"data.split={others[0]}, or point data.source at the .json file")
     return None
+
+
+def is_hpdv2_source(source: str, cfg: DataConfig) -> bool:
+    """Whether ``data.format=auto`` reads ``source`` as HPDv2 (see ``hpdv2_file``)."""
+    return hpdv2_file(source, cfg.split) is not None
 
 
 def hpdv2_rows(source: str, cfg: DataConfig, report: SkipReport) -> tuple[Iterator[Row], None]:

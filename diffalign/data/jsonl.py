@@ -1,6 +1,6 @@
 """Local folders with a ``metadata.jsonl``: one JSON object per line, file names relative to the folder.
 
-A line's keys make it one of four kinds (``readers.JSONL_KINDS``):
+A line's keys make it one of four kinds (``formats.JSONL_KINDS``):
 
 - pair: ``prompt``, ``chosen_file_name``, ``rejected_file_name``; optional ``chosen_score`` and ``rejected_score``
   (both or neither);
@@ -11,7 +11,7 @@ A line's keys make it one of four kinds (``readers.JSONL_KINDS``):
 
 The first JSON object decides the file's kind; one that matches no kind means a wrong file and raises the schema
 error. Later lines of another kind, or lacking keys, are skipped as ``missing_field``. Values are checked by
-``readers.make_record`` (a prompt that is null or blank is ``empty_prompt``; a number, list or object, or text
+``validation.make_record`` (a prompt that is null or blank is ``empty_prompt``; a number, list or object, or text
 with a NUL or a lone surrogate, is ``bad_text``).
 
 Text: the file is read line by line and each line decoded strictly as UTF-8 (``diffalign.text.text_lines``; a
@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from diffalign.config import DataConfig
-from diffalign.data.readers import EXPECTED_SOURCES, JSONL_KINDS, PAIR_SCORES, Row, schema_error
-from diffalign.data.records import DataError, SkipReport
+from diffalign.data.formats import EXPECTED_SOURCES, JSONL_KINDS, PAIR_SCORES, Row, schema_error
+from diffalign.data.records import SkipReport
+from diffalign.errors import DataError
 from diffalign.text import describe_value, text_lines, text_problem
 
 
@@ -41,6 +42,11 @@ def jsonl_metadata_path(source: str) -> Path | None:
     if path.is_file() and path.suffix == ".jsonl":
         return path
     return None
+
+
+def is_jsonl_source(source: str, cfg: DataConfig) -> bool:
+    """Whether ``data.format=auto`` reads ``source`` as jsonl: a folder holding metadata.jsonl, or a .jsonl file."""
+    return jsonl_metadata_path(source) is not None
 
 
 def jsonl_rows(source: str, cfg: DataConfig, report: SkipReport,

@@ -1,6 +1,10 @@
 """Adapt read records to the data an objective declares (``Objective.data_kind``), before training starts.
 
-    records = adapt_records(records, objective.data_kind, cfg.data.source)
+    >>> from diffalign.data.records import PreferenceRecord
+    >>> pair = PreferenceRecord(index=0, prompt="a red square", images=["red.png", "blue.png"])
+    >>> [(r.images, r.labels) for r in adapt_records([pair], "labelled", "my_pairs")]   # KTO's data kind
+    data: data.source=my_pairs: split 1 pairs into a desirable winner and an undesirable loser; dropped 0 kept ties, which carry no label
+    [(['red.png'], [1.0]), (['blue.png'], [0.0])]
 
 A record's shape says what it is: one image with ``labels`` is a labelled single, two images a pair (winner first,
 ``scores`` optional), three or more a ranked set. (A ranking of two is read winner first, so it is a scored pair.)
@@ -23,7 +27,11 @@ from __future__ import annotations
 
 from collections import Counter
 
-from diffalign.data.records import DataError, PreferenceRecord
+from diffalign.data.records import PreferenceRecord
+from diffalign.errors import ConfigError, DataError
+from diffalign.logs import get_logger
+
+logger = get_logger(__name__)
 
 DATA_KINDS = ("pair", "scored_pair", "labelled", "ranked", "images")
 
@@ -42,10 +50,22 @@ def record_shape(record: PreferenceRecord) -> str:
 
 
 def adapt_records(records: list[PreferenceRecord], data_kind: str, source: str) -> list[PreferenceRecord]:
-    """The records as ``data_kind`` (pair | scored_pair | labelled | ranked | images) needs them; DataError if
-    impossible."""
+    """The records as ``data_kind`` needs them (see the module docstring).
+
+    Args:
+        records: as ``read_preferences`` returns them.
+        data_kind: the objective's ``data_kind``: pair | scored_pair | labelled | ranked | images.
+        source: ``data.source``, for messages.
+
+    Returns:
+        New records of the shape ``data_kind`` needs (pairs winner first, single images, rankings of one K).
+
+    Raises:
+        DataError: the data cannot give what ``data_kind`` needs (the message says what to add).
+        ConfigError: an unknown ``data_kind``.
+    """
     if data_kind not in DATA_KINDS:
-        raise ValueError(f"unknown data kind {data_kind!r}; expected one of {', '.join(DATA_KINDS)}")
+        raise ConfigError(f"unknown data kind {data_kind!r}; expected one of {', '.join(DATA_KINDS)}")
     shapes = Counter(record_shape(record) for record in records)
     where = f"data.source={source}"
     if data_kind in ("pair", "scored_pair"):
@@ -58,7 +78,7 @@ def adapt_records(records: list[PreferenceRecord], data_kind: str, source: str) 
         adapted = to_ranked(records, shapes, where)
     if records and not adapted:
         raise DataError(f"{where}: no records are left for data kind {data_kind!r} after adapting "
-                        f"{len(records)} records ({describe(shapes)}); see the messages above")
+                        f"{len(records)} records ({shape_counts(shapes)}); see the messages above")
     return adapted
 
 
@@ -93,8 +113,8 @@ def to_pairs(records: list[PreferenceRecord], shapes: Counter, data_kind: str, w
                                         images=[record.images[best], record.images[worst]],
                                         scores=[scores[best], scores[worst]]))
     if converted or equal:
-        print(f"data: {where}: turned {converted} ranked sets into best-vs-worst pairs; dropped {equal} whose best "
-              f"and worst scores are equal")
+        logger.info(f"data: {where}: turned {converted} ranked sets into best-vs-worst pairs; dropped {equal} whose "
+                    f"best and worst scores are equal")
     if data_kind == "scored_pair":
         unscored = sum(1 for record in adapted if record.scores is None or len(record.scores) != 2)
         if unscored:
@@ -127,8 +147,8 @@ def to_labelled(records: list[PreferenceRecord], shapes: Counter, where: str) ->
             adapted.extend(PreferenceRecord(index=record.index, prompt=record.prompt, images=[image], labels=[label])
                            for image, label in zip(record.images, (1.0, 0.0)))
     if shapes["pair"]:
-        print(f"data: {where}: split {shapes['pair'] - ties} pairs into a desirable winner and an undesirable loser; "
-              f"dropped {ties} kept ties, which carry no label")
+        logger.info(f"data: {where}: split {shapes['pair'] - ties} pairs into a desirable winner and an undesirable "
+                    f"loser; dropped {ties} kept ties, which carry no label")
     return adapted
 
 
@@ -136,8 +156,8 @@ def to_images(records: list[PreferenceRecord], shapes: Counter, where: str) -> l
     adapted = [PreferenceRecord(index=record.index, prompt=record.prompt, images=[image])
                for record in records for image in record.images]
     if shapes["pair"] or shapes["ranked"]:
-        print(f"data: {where}: split {shapes['pair']} pairs and {shapes['ranked']} ranked sets into single images "
-              f"(labels and scores are not used): {len(adapted)} image-caption records")
+        logger.info(f"data: {where}: split {shapes['pair']} pairs and {shapes['ranked']} ranked sets into single "
+                    f"images (labels and scores are not used): {len(adapted)} image-caption records")
     return adapted
 
 
@@ -167,5 +187,6 @@ def to_ranked(records: list[PreferenceRecord], shapes: Counter, where: str) -> l
     return list(records)
 
 
-def describe(shapes: Counter) -> str:
+def shape_counts(shapes: Counter) -> str:
+    """"2 labelled, 5 pair": how many records of each shape."""
     return ", ".join(f"{count} {shape}" for shape, count in sorted(shapes.items()) if count)

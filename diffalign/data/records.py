@@ -34,7 +34,7 @@ class PreferenceRecord:
 
 @dataclass
 class SkipReport:
-    """Counts of records skipped per reason, with a few examples each; printed at the end of reading."""
+    """Counts of records skipped per reason, with a few examples each; logged at the end of reading."""
 
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)

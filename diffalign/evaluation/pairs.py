@@ -1,8 +1,17 @@
 """``diffalign pairs``: synthetic preference data from reward models (AI feedback), in every format train reads.
 
-    result = generate_pairs(pipe, ["a red square"] * 100, {"hpsv21": reward}, PairSettings(images_per_prompt=4),
-                            "data/ai_pairs")
-    # train: data.source=data/ai_pairs/pairs (dpo), .../scored (smpo), .../ranked (rank_dpo), .../kto (kto)
+    >>> import tempfile
+    >>> from diffalign.guidance import load_pipeline
+    >>> from diffalign.rewards import build_reward
+    >>> pipe = load_pipeline("tiny:sd15")
+    >>> out = tempfile.mkdtemp()
+    >>> result = generate_pairs(pipe, ["a red square"] * 3, {"toy_redness": build_reward("toy_redness")},
+    ...                         PairSettings(images_per_prompt=2, steps=2), out)
+    >>> result.groups
+    3
+
+Train on it with ``data.source=<out>/pairs`` (dpo), ``<out>/scored`` (smpo), ``<out>/ranked`` (rank_dpo) or
+``<out>/kto`` (kto).
 
 Each entry of ``prompts`` is one group (prompts may repeat: 384 copies of 3 prompts are 384 groups). Image j of
 group i is drawn with seed ``seed + i * k + j`` and saved as ``images/{i:05d}_{j:02d}.png``; every image is scored
@@ -35,55 +44,22 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from diffalign.text import read_text, text_lines
+from diffalign.errors import ConfigError, DataError
+from diffalign.evaluation.pair_selection import (
+    VIEWS,
+    Group,
+    PairSettings,
+    build_views,
+    relocated,
+    select_pairs,
+)
+from diffalign.images import labelled_grid, load_image
+from diffalign.rewards.ensemble import zscore_ensemble
+from diffalign.text import read_text, text_lines, write_jsonl
 
-VIEWS = ("pairs", "scored", "ranked", "kto")
-SELECTIONS = ("best_worst", "all")
 # Only these change the images and scores in groups.jsonl, so only these must match when a run is resumed.
 GENERATION_KEYS = ("images_per_prompt", "seed", "steps", "guidance_scale", "negative_prompt")
 OUTPUTS = ("groups.jsonl", "pairs_config.json", "metadata.jsonl", "summary.json", "images", "overview", *VIEWS)
-FILE_KEYS = ("chosen_file_name", "rejected_file_name", "file_name")
-
-
-@dataclass
-class PairSettings:
-    images_per_prompt: int = 4  # k images per group
-    seed: int = 0
-    steps: int = 20
-    guidance_scale: float = 4.0
-    negative_prompt: str | None = None
-    batch_size: int = 8  # images per pipeline call, across groups
-    selection: str = "best_worst"  # best_worst: one pair per group; all: every pair whose gap exceeds margin
-    margin: float = 0.0  # a pair (or group spread) with gap <= margin is not a preference
-    kto_fraction: float = 0.25  # top fraction of a group labelled 1, bottom fraction 0 (at least one each)
-    format: str = "pairs"  # the view written as the folder's own metadata.jsonl
-
-    def validate(self) -> PairSettings:
-        if self.images_per_prompt < 2:
-            raise ValueError(f"images_per_prompt must be at least 2 to compare images, got {self.images_per_prompt}")
-        if self.selection not in SELECTIONS:
-            raise ValueError(f"unknown selection '{self.selection}'; choose {' or '.join(SELECTIONS)}")
-        if self.format not in VIEWS:
-            raise ValueError(f"unknown format '{self.format}'; choose one of {', '.join(VIEWS)}")
-        if self.margin < 0:
-            raise ValueError(f"margin must be >= 0, got {self.margin}")
-        if not 0 < self.kto_fraction <= 0.5:
-            raise ValueError(f"kto_fraction must be in (0, 0.5], got {self.kto_fraction}")
-        if self.batch_size < 1 or self.steps < 1:
-            raise ValueError("batch_size and steps must be at least 1")
-        return self
-
-
-@dataclass
-class Group:
-    """One line of groups.jsonl: a prompt's k images, their scores per reward and their combined scores."""
-
-    prompt_index: int
-    prompt: str
-    seeds: list[int]
-    file_names: list[str]  # relative to the output folder
-    scores: dict[str, list[float]]
-    combined: list[float]
 
 
 @dataclass
@@ -97,83 +73,11 @@ class PairsResult:
     paths: dict[str, Path] = field(default_factory=dict)
 
 
-# ---------------------------------------------------------------------------------------------- pure selection
-def spread(scores: list[float]) -> float:
-    return max(scores) - min(scores)
-
-
-def select_pairs(scores: list[float], selection: str = "best_worst", margin: float = 0.0) -> list[tuple[int, int]]:
-    """(chosen, rejected) image indices of one group. best_worst: the first best and first worst image, when
-    their gap exceeds ``margin``; all: every i < j whose gap exceeds ``margin``, the higher score chosen."""
-    if selection == "best_worst":
-        best, worst = scores.index(max(scores)), scores.index(min(scores))
-        return [(best, worst)] if scores[best] - scores[worst] > margin else []
-    if selection != "all":
-        raise ValueError(f"unknown selection '{selection}'; choose {' or '.join(SELECTIONS)}")
-    return [(i, j) if scores[i] > scores[j] else (j, i)
-            for i in range(len(scores)) for j in range(i + 1, len(scores)) if abs(scores[i] - scores[j]) > margin]
-
-
-def kto_labels(scores: list[float], fraction: float = 0.25, margin: float = 0.0) -> list[tuple[int, int]]:
-    """(image index, label) of one group: the top ``fraction`` by score 1, the bottom fraction 0, the middle none.
-
-    n = floor(fraction * k), at least 1 and at most k // 2 per side. Images tied with the n-th best share its label
-    (likewise at the bottom); where equal scores straddle both cuts, the cuts move off the tie, so equal scores
-    never get opposite labels. A group whose spread is <= ``margin`` gets no labels.
-    """
-    if len(scores) < 2 or spread(scores) <= margin:
-        return []
-    n = min(max(int(fraction * len(scores)), 1), len(scores) // 2)
-    ordered = sorted(scores, reverse=True)
-    high, low = ordered[n - 1], ordered[-n]
-    if high == low:  # the tie spans both cuts: label only what lies strictly above / below it
-        above, below = [s for s in scores if s > high], [s for s in scores if s < low]
-        high = min(above) if above else high  # nothing above: the tied top is the desirable side
-        low = max(below) if below else low
-    return [(i, 1) if s >= high else (i, 0) for i, s in enumerate(scores) if s >= high or s <= low]
-
-
 def combined_scores(scores: dict[str, torch.Tensor], keys: list[str], weights: dict[str, float] | None) -> torch.Tensor:
     """The one reward's scores, or the weighted mean of z-scores within each key's images (a key per group)."""
-    from diffalign.rewards.ensemble import zscore_ensemble
-
     if len(scores) == 1:
         return next(iter(scores.values())).float()
     return zscore_ensemble(scores, keys, weights)
-
-
-def build_views(groups: list[Group], settings: PairSettings) -> tuple[dict[str, list[dict]], dict]:
-    """Every view's entries (file names relative to the output folder) and counts, from the finished groups."""
-    views: dict[str, list[dict]] = {view: [] for view in VIEWS}
-    flat, skipped_pairs = 0, 0
-    for group in groups:
-        values, names = group.combined, group.file_names
-        pairs = select_pairs(values, settings.selection, settings.margin)
-        candidates = 1 if settings.selection == "best_worst" else len(values) * (len(values) - 1) // 2
-        skipped_pairs += candidates - len(pairs)
-        for chosen, rejected in pairs:
-            pair = {"prompt": group.prompt, "chosen_file_name": names[chosen], "rejected_file_name": names[rejected]}
-            views["pairs"].append(pair)
-            views["scored"].append({**pair, "chosen_score": values[chosen], "rejected_score": values[rejected]})
-        if spread(values) <= settings.margin:
-            flat += 1
-            continue
-        views["ranked"].append({"prompt": group.prompt, "file_names": list(names), "scores": list(values)})
-        views["kto"] += [{"prompt": group.prompt, "file_name": names[i], "label": label}
-                         for i, label in kto_labels(values, settings.kto_fraction, settings.margin)]
-    counts = {view: len(entries) for view, entries in views.items()}
-    labels = [entry["label"] for entry in views["kto"]]
-    stats = {"views": counts, "kto_labels": {"1": labels.count(1), "0": labels.count(0)},
-             "flat_groups": flat, "pairs_skipped_for_margin": skipped_pairs}
-    return views, stats
-
-
-def relocated(entry: dict, prefix: str) -> dict:
-    """``entry`` with its file names seen from a subfolder (prefix "../")."""
-    moved = {key: prefix + value if key in FILE_KEYS else value for key, value in entry.items()}
-    if "file_names" in moved:
-        moved["file_names"] = [prefix + name for name in moved["file_names"]]
-    return moved
 
 
 # ---------------------------------------------------------------------------------------------- resume
@@ -192,7 +96,7 @@ def config_differences(old: dict, new: dict) -> list[str]:
 
 def read_groups(path: Path) -> list[Group]:
     """Finished groups; a truncated last line (a run killed while writing) is dropped, any other bad line (not
-    UTF-8, not JSON, not a group) is a ``ValueError`` naming the line. Read line by line (``text_lines``)."""
+    UTF-8, not JSON, not a group) is a ``DataError`` naming the line. Read line by line (``text_lines``)."""
     if not path.is_file():
         return []
     groups, pending = [], None  # pending: the error of the previous bad line, fatal unless it was the last one
@@ -203,10 +107,10 @@ def read_groups(path: Path) -> list[Group]:
             raise pending
         try:
             if problem is not None:
-                raise ValueError(problem.removeprefix(f"line {number} of {path} ").removeprefix("is "))
+                raise DataError(problem.removeprefix(f"line {number} of {path} ").removeprefix("is "))
             groups.append(Group(**json.loads(text)))
         except (ValueError, TypeError) as error:  # JSONDecodeError is a ValueError
-            pending = ValueError(f"{path} line {number} is not a group record ({error}); delete the folder or pass "
+            pending = DataError(f"{path} line {number} is not a group record ({error}); delete the folder or pass "
                                  "overwrite=True (--overwrite) to start again")
     return groups
 
@@ -226,23 +130,23 @@ def prepare_folder(out_dir: Path, config: dict, overwrite: bool) -> dict[int, Gr
         try:
             old_config = json.loads(read_text(config_path))
         except ValueError as error:  # not UTF-8 (TextError) or not JSON: cannot tell whether the configs match
-            raise ValueError(f"{config_path} cannot be read ({error}); delete the folder or pass overwrite=True "
+            raise DataError(f"{config_path} cannot be read ({error}); delete the folder or pass overwrite=True "
                              "(--overwrite) to start again") from None
         differences = config_differences(old_config if isinstance(old_config, dict) else {}, config)
         if differences:
-            raise ValueError(f"{out_dir} holds pairs generated with another config ({'; '.join(differences)}); "
+            raise ConfigError(f"{out_dir} holds pairs generated with another config ({'; '.join(differences)}); "
                              "pick a new output folder, or pass overwrite=True (--overwrite) to replace them")
         for group in read_groups(log_path):
             if group.prompt_index < config["num_prompts"] and all((out_dir / f).is_file() for f in group.file_names):
                 done[group.prompt_index] = group
     elif log_path.exists():
-        raise ValueError(f"{out_dir} has groups.jsonl but no pairs_config.json, so it cannot be resumed safely; pick a "
+        raise DataError(f"{out_dir} has groups.jsonl but no pairs_config.json, so it cannot be resumed safely; pick a "
                          "new output folder, or pass overwrite=True (--overwrite)")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "images").mkdir(exist_ok=True)
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     # Rewrite the log with only the kept groups, so new lines never follow a truncated one.
-    log_path.write_text("".join(json.dumps(asdict(done[i])) + "\n" for i in sorted(done)))
+    write_jsonl(log_path, [asdict(done[i]) for i in sorted(done)])
     return done
 
 
@@ -321,15 +225,22 @@ def generate_pairs(pipe, prompts: list[str], rewards: dict, settings: PairSettin
         weights: reward name -> weight of the z-score ensemble (default 1 each).
         setup: what made the pipeline (model, LoRA, ...), recorded in pairs_config.json and checked on resume.
         overwrite: replace an earlier run in ``out_dir`` made with another config instead of refusing.
+
+    Returns:
+        A ``PairsResult``: group and entry counts per view, and the paths of the views, summary.json and the grid.
+
+    Raises:
+        ConfigError: bad settings, no reward, weights for unknown rewards, or ``out_dir`` made with another config
+        (without ``overwrite``). DataError: no prompts, or an ``out_dir`` whose records cannot be read.
     """
     settings.validate()
     if not prompts:
-        raise ValueError("no prompts to generate pairs for")
+        raise DataError("no prompts to generate pairs for")
     if not rewards:
-        raise ValueError("give at least one reward to score the images with")
+        raise ConfigError("give at least one reward to score the images with")
     unknown = sorted(set(weights or {}) - set(rewards))
     if unknown:
-        raise ValueError(f"ensemble weights given for {unknown}, which are not among the rewards {list(rewards)}")
+        raise ConfigError(f"ensemble weights given for {unknown}, which are not among the rewards {list(rewards)}")
     out_dir = Path(out_dir)
     done = prepare_folder(out_dir, run_config(prompts, rewards, settings, weights, setup), overwrite)
     todo = [i for i in range(len(prompts)) if i not in done]
@@ -339,12 +250,6 @@ def generate_pairs(pipe, prompts: list[str], rewards: dict, settings: PairSettin
 
 
 # ---------------------------------------------------------------------------------------------- outputs
-def write_jsonl(path: Path, entries: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(entry) + "\n" for entry in entries))
-    return path
-
-
 def write_outputs(groups: list[Group], settings: PairSettings, out_dir: Path, generated: int) -> PairsResult:
     views, stats = build_views(groups, settings)
     paths = {view: write_jsonl(out_dir / view / "metadata.jsonl", [relocated(e, "../") for e in entries]).parent
@@ -376,9 +281,6 @@ def reward_means(groups: list[Group]) -> dict[str, float]:
 def write_grid(groups: list[Group], settings: PairSettings, out_dir: Path) -> Path:
     """First groups as rows, k columns, each image captioned with its combined score; green = chosen, red =
     rejected (best vs worst)."""
-    from diffalign.evaluation.plots import labelled_grid
-    from diffalign.images import load_image
-
     rows, borders = [], []
     for group in groups:  # images this command wrote: no pixel limit
         rows.append([load_image(out_dir / name, max_pixels=None) for name in group.file_names])
@@ -394,7 +296,7 @@ def write_grid(groups: list[Group], settings: PairSettings, out_dir: Path) -> Pa
     return path
 
 
-def describe(result: PairsResult) -> str:
+def pairs_summary(result: PairsResult) -> str:
     """A short summary for the command line, with the data.source values to give train."""
     summary = json.loads(result.paths["summary"].read_text())
     counts = summary["views"]

@@ -1,56 +1,8 @@
-"""Pictures for reports: a labelled image grid (PIL) and a win-rate bar chart (matplotlib, no GUI backend)."""
+"""Charts for reports: a win-rate bar chart (matplotlib, no GUI backend). Image grids: ``diffalign.images``."""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-from PIL import Image, ImageDraw
-
-MIN_CELL = 128  # tiny 32 px images are enlarged to this so the grid is readable
-STRIP = 14  # height of a text strip (column header, row caption, cell caption)
-
-
-def cell_size(image: Image.Image) -> tuple[int, int]:
-    factor = -(-MIN_CELL // image.width) if image.width < MIN_CELL else 1
-    return image.width * factor, image.height * factor
-
-
-def labelled_grid(rows: list[list[Image.Image]], row_labels: list[str] | None = None,
-                  cell_labels: list[list[str]] | None = None, column_labels: list[str] | None = None,
-                  borders: list[list[str | None]] | None = None) -> Image.Image:
-    """Images in rows, every cell the size of the first image (enlarged to >= 128 px wide).
-
-    Layout, top to bottom: a header strip with ``column_labels``; then per row a caption strip (``row_labels``),
-    the images, and a strip under each image with its ``cell_labels``. Each strip is 14 px and present only when
-    its labels are given, so the size is ``(columns * cell_w, header + rows * (caption + cell_h + cell_caption))``.
-    ``borders`` names an outline colour per cell (None = no outline).
-    """
-    if not rows or not rows[0]:
-        raise ValueError("a grid needs at least one image")
-    width, height = cell_size(rows[0][0])
-    columns = max(len(row) for row in rows)
-    header = STRIP if column_labels else 0
-    caption = STRIP if row_labels else 0
-    under = STRIP if cell_labels else 0
-    row_height = caption + height + under
-    grid = Image.new("RGB", (columns * width, header + len(rows) * row_height), "white")
-    draw = ImageDraw.Draw(grid)
-    chars = max(width // 6, 1)  # the default bitmap font is about 6 px per character
-    for col, label in enumerate(column_labels or []):
-        draw.text((col * width + 2, 1), label[:chars], fill="black")
-    for r, row in enumerate(rows):
-        top = header + r * row_height
-        if row_labels:
-            draw.text((2, top + 1), row_labels[r][: columns * chars], fill="black")
-        for col, image in enumerate(row):
-            left, image_top = col * width, top + caption
-            grid.paste(image.convert("RGB").resize((width, height), Image.NEAREST), (left, image_top))
-            colour = borders[r][col] if borders else None
-            if colour:
-                draw.rectangle((left, image_top, left + width - 1, image_top + height - 1), outline=colour, width=3)
-            if cell_labels:
-                draw.text((left + 2, image_top + height + 1), cell_labels[r][col][:chars], fill="black")
-    return grid
 
 
 def winrate_chart(table: dict[str, dict[str, dict]], path: str | Path, confidence: float = 0.95,
@@ -61,6 +13,7 @@ def winrate_chart(table: dict[str, dict[str, dict]], path: str | Path, confidenc
 
     ``table[reward][setup]`` is a ``WinRate.as_dict()`` (rate, low, high, ...). Saved as a 700 px wide PNG.
     """
+    # matplotlib is heavy: imported only when a chart is drawn
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

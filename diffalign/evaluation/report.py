@@ -1,12 +1,26 @@
 """``diffalign eval``: sample every setup with the same prompts and seeds, score every image, report win rates.
 
-    report = run_eval("stable-diffusion-v1-5/stable-diffusion-v1-5",
-                      {"dpo": {"lora": "runs/dpo"}, "guided": {"lora": "runs/dpo", "npo": "runs/npo"}},
-                      load_prompts("parti", limit=200), {"hpsv21": reward}, SampleSettings(num_images=2), "eval")
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from diffalign.guidance.sample import SampleSettings
+    >>> from diffalign.offline.lora import build_tiny_lora
+    >>> from diffalign.rewards import build_reward
+    >>> lora = build_tiny_lora(Path(tempfile.mkdtemp()) / "lora")
+    >>> report = run_eval("tiny:sd15", {"lora": {"lora": str(lora)}}, ["a red square", "a blue circle"],
+    ...                   {"toy_redness": build_reward("toy_redness")}, SampleSettings(num_images=2, steps=2),
+    ...                   tempfile.mkdtemp(), resamples=100)
+    eval: setup 'base' (no adapters)
+    eval: setup 'lora' {'lora': '...'}
+    >>> sorted(report.paths)
+    ['grid', 'markdown', 'report', 'scores', 'winrate']
+
+With a real model: ``run_eval("stable-diffusion-v1-5/stable-diffusion-v1-5", {"dpo": {"lora": "runs/dpo"},
+"guided": {"lora": "runs/dpo", "npo": "runs/npo"}}, load_prompts("parti", limit=200), {"hpsv21": reward}, ...)``.
 
 A setup is a set of ``load_pipeline`` arguments; "base" (no adapters unless given) is the baseline and comes
-first. Protocol (FACTS.md): image j of prompt i has seed ``seed + i * num_images + j`` in every setup, and a setup
-wins an image when its score beats the base's score of the same (prompt, image) pair; ties count half.
+first. Protocol: image j of prompt i has seed ``seed + i * num_images + j`` in every setup, so every setup starts
+from the same noise for the same (prompt, image) pair; a setup wins an image when its score beats the base's score
+of that pair, ties count half, and the interval is a bootstrap over the pairs (``diffalign.evaluation.winrate``).
 
 Outputs in ``out_dir``: ``samples/<setup>/`` (images, samples.jsonl, overview), ``scores.jsonl`` (a row per setup x
 image with every reward's score), ``report.json``, ``report.md`` (a table per reward), ``grid.png`` (rows = the first
@@ -22,6 +36,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+from diffalign.errors import ConfigError, DataError
+from diffalign.evaluation.plots import winrate_chart
+from diffalign.evaluation.winrate import compare
+from diffalign.guidance.pipeline import load_pipeline
+from diffalign.guidance.sample import SampleSettings, sample_to_folder
+from diffalign.guidance.samplers import SAMPLERS as SCHEDULERS
+from diffalign.images import labelled_grid, load_image
+from diffalign.logs import get_logger
+from diffalign.rewards.scoring import ScoreRow, score_rows
+from diffalign.text import write_jsonl
+
+logger = get_logger(__name__)
 
 SETUP_KEYS = {"lora": str, "npo": str, "npo_merge_weight": float, "segments": str, "lora_scale": float,
               "npo_scale": float, "scheduler": str}
@@ -44,14 +71,14 @@ def parse_setup(text: str) -> tuple[str, dict]:
     name, _, rest = text.partition(":")
     name = name.strip()
     if not SETUP_NAME.match(name):
-        raise ValueError(f"setup '{text}': the name before ':' must be letters, digits, '_', '-', '+' or '.' (it "
+        raise ConfigError(f"setup '{text}': the name before ':' must be letters, digits, '_', '-', '+' or '.' (it "
                          "names a folder), e.g. --setup dpo:lora=runs/dpo")
     kwargs = {}
     for item in filter(None, (part.strip() for part in rest.split(","))):
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or not value.strip():
-            raise ValueError(f"setup '{text}': '{item}' is not key=value; valid keys: {', '.join(SETUP_KEYS)}")
+            raise ConfigError(f"setup '{text}': '{item}' is not key=value; valid keys: {', '.join(SETUP_KEYS)}")
         kwargs[key] = value.strip()
     return name, check_setup(name, kwargs)
 
@@ -63,7 +90,7 @@ def parse_setups(texts: list[str], scheduler: str | None = None) -> dict[str, di
     for text in texts:
         name, kwargs = parse_setup(text)
         if name in setups:
-            raise ValueError(f"setup '{name}' is given twice; give each setup a distinct name")
+            raise ConfigError(f"setup '{name}' is given twice; give each setup a distinct name")
         setups[name] = kwargs
     if scheduler:
         setups = {name: {"scheduler": scheduler, **kwargs} for name, kwargs in {"base": {}, **setups}.items()}
@@ -72,18 +99,16 @@ def parse_setups(texts: list[str], scheduler: str | None = None) -> dict[str, di
 
 def check_setup(name: str, kwargs: dict) -> dict:
     """Known keys only, values of the right type (numbers converted), schedulers by name."""
-    from diffalign.guidance.pipeline import SCHEDULERS
-
     checked = {}
     for key, value in kwargs.items():
         if key not in SETUP_KEYS:
-            raise ValueError(f"setup '{name}': unknown key '{key}'; valid keys: {', '.join(SETUP_KEYS)}")
+            raise ConfigError(f"setup '{name}': unknown key '{key}'; valid keys: {', '.join(SETUP_KEYS)}")
         try:
             checked[key] = SETUP_KEYS[key](value)
         except (TypeError, ValueError) as error:
-            raise ValueError(f"setup '{name}': {key}={value!r} is not a {SETUP_KEYS[key].__name__}") from error
+            raise ConfigError(f"setup '{name}': {key}={value!r} is not a {SETUP_KEYS[key].__name__}") from error
     if "scheduler" in checked and checked["scheduler"] not in SCHEDULERS:
-        raise ValueError(f"setup '{name}': unknown scheduler '{checked['scheduler']}'; choose one of "
+        raise ConfigError(f"setup '{name}': unknown scheduler '{checked['scheduler']}'; choose one of "
                          f"{', '.join(SCHEDULERS)}")
     return checked
 
@@ -92,19 +117,16 @@ def with_base(setups: dict[str, dict]) -> dict[str, dict]:
     """Checked setups with "base" first (an empty one is added when missing)."""
     for name in setups:
         if not SETUP_NAME.match(name):
-            raise ValueError(f"setup name '{name}' must be letters, digits, '_', '-', '+' or '.' (it names a folder)")
+            raise ConfigError(f"setup name '{name}' must be letters, digits, '_', '-', '+' or '.' (it names a folder)")
     ordered = {"base": setups.get("base", {})}
     ordered.update({name: kwargs for name, kwargs in setups.items() if name != "base"})
     return {name: check_setup(name, kwargs) for name, kwargs in ordered.items()}
 
 
 # ---------------------------------------------------------------------------------------------- sampling and scoring
-def sample_setup(base: str, name: str, kwargs: dict, prompts: list[str], settings, out_dir: Path,
+def sample_setup(base: str, name: str, kwargs: dict, prompts: list[str], settings: SampleSettings, out_dir: Path,
                  device=None, torch_dtype=None) -> list[dict]:
     """Sample one setup into samples/<name>/ and return its samples.jsonl records; the pipeline is freed after."""
-    from diffalign.guidance import load_pipeline
-    from diffalign.guidance.sample import sample_to_folder
-
     pipe = load_pipeline(base, **kwargs, torch_dtype=torch_dtype, device=device)
     try:
         log = sample_to_folder(pipe, prompts, settings, out_dir / "samples" / name, {"setup": name, **kwargs})
@@ -118,8 +140,6 @@ def sample_setup(base: str, name: str, kwargs: dict, prompts: list[str], setting
 
 def score_setup(name: str, records: list[dict], rewards: dict, out_dir: Path, batch_size: int) -> list[dict]:
     """One scores.jsonl row per image of a setup: setup, file (relative to out_dir), prompt, seed, indices, scores."""
-    from diffalign.rewards.scoring import ScoreRow, score_rows
-
     folder = out_dir / "samples" / name
     rows = score_rows([ScoreRow(str(folder / r["file_name"]), r["prompt"]) for r in records], rewards, batch_size)
     failed = [row for row in rows if row.error]
@@ -135,13 +155,11 @@ def summarise(rows: list[dict], setups: list[str], rewards: list[str], confidenc
               resamples: int = 10_000) -> dict[str, dict[str, dict]]:
     """reward -> setup -> {mean, std (population), n, win_rate}: win_rate compares each non-base setup with base,
     paired by (prompt_index, image_index), as ``winrate.compare`` does."""
-    from diffalign.evaluation.winrate import compare
-
     by_setup = {name: {(r["prompt_index"], r["image_index"]): r for r in rows if r["setup"] == name} for name in setups}
     keys = sorted(by_setup[setups[0]])
     for name in setups[1:]:
         if sorted(by_setup[name]) != keys:
-            raise ValueError(f"setup '{name}' and base did not sample the same (prompt, image) pairs")
+            raise RuntimeError(f"setup '{name}' and base did not sample the same (prompt, image) pairs")
     table: dict[str, dict[str, dict]] = {}
     for reward in rewards:
         base = torch.tensor([by_setup[setups[0]][key][reward] for key in keys], dtype=torch.float64)
@@ -175,7 +193,7 @@ def markdown(table: dict[str, dict[str, dict]], confidence: float) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- the run
-def run_eval(base: str, setups: dict[str, dict], prompts: list[str], rewards: dict, settings,
+def run_eval(base: str, setups: dict[str, dict], prompts: list[str], rewards: dict, settings: SampleSettings,
              out_dir: str | Path, confidence: float = 0.95, resamples: int = 10_000, device=None,
              torch_dtype: torch.dtype | None = None) -> EvalReport:
     """Sample and score every setup, compare each with base; writes the files listed in the module docstring.
@@ -185,25 +203,31 @@ def run_eval(base: str, setups: dict[str, dict], prompts: list[str], rewards: di
         setups: name -> ``load_pipeline`` kwargs (lora, npo, npo_merge_weight, segments, lora_scale, npo_scale,
             scheduler); "base" is the baseline and is added (with no adapters) when missing.
         settings: a ``guidance.sample.SampleSettings`` (images per prompt, seed, steps, guidance, ...).
-    """
-    from diffalign.evaluation.plots import winrate_chart
+        confidence, resamples: the bootstrap interval of each win rate (``winrate.compare``).
 
+    Returns:
+        An ``EvalReport``: ``table[reward][setup]`` = {mean, std, n, win_rate (None for base)}, the markdown, and
+        the paths of scores.jsonl, report.json, report.md, grid.png and winrate.png.
+
+    Raises:
+        ConfigError: no reward, a bad confidence or setup. DataError: no prompts.
+    """
     if not prompts:
-        raise ValueError("no prompts to evaluate on")
+        raise DataError("no prompts to evaluate on")
     if not rewards:
-        raise ValueError("give at least one reward to compare the setups with")
+        raise ConfigError("give at least one reward to compare the setups with")
     if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+        raise ConfigError(f"confidence must be in (0, 1), got {confidence}")
     setups = with_base(setups)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for name, kwargs in setups.items():
-        print(f"eval: setup '{name}' {kwargs or '(no adapters)'}")
+        logger.info(f"eval: setup '{name}' {kwargs or '(no adapters)'}")
         records = sample_setup(base, name, kwargs, prompts, settings, out_dir, device, torch_dtype)
         rows += score_setup(name, records, rewards, out_dir, settings.batch_size)
     paths = {"scores": out_dir / "scores.jsonl"}
-    paths["scores"].write_text("".join(json.dumps(row) + "\n" for row in rows))
+    write_jsonl(paths["scores"], rows)
     table = summarise(rows, list(setups), list(rewards), confidence, resamples)
     text = markdown(table, confidence)
     report = {"base": base, "settings": asdict(settings), "prompts": len(prompts),
@@ -225,9 +249,6 @@ def run_eval(base: str, setups: dict[str, dict], prompts: list[str], rewards: di
 def write_setup_grid(rows: list[dict], setups: list[str], reward: str, out_dir: Path) -> Path:
     """Rows = one image per prompt, round-robin over prompts (one prompt and seed per row), columns = setups, each
     captioned with ``reward``."""
-    from diffalign.evaluation.plots import labelled_grid
-    from diffalign.images import load_image
-
     def spread(row: dict) -> tuple[int, int]:  # first image of every prompt, then the second, ...
         return row["image_index"], row["prompt_index"]
 

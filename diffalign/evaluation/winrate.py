@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from diffalign.errors import DataError
+
 
 @dataclass
 class WinRate:
@@ -28,9 +30,16 @@ class WinRate:
 
 
 def outcomes(aligned: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """Per pair: 1 win, 0.5 tie, 0 loss."""
+    """Per pair: 1 win, 0.5 tie, 0 loss.
+
+    Args:
+        aligned, base: ``(n,)`` scores of the same n (prompt, seed) pairs under one reward.
+
+    Returns:
+        ``(n,)`` float outcomes. Raises ``DataError`` when the shapes differ or are not 1-d.
+    """
     if aligned.shape != base.shape or aligned.ndim != 1:
-        raise ValueError(f"paired scores must be two 1-d tensors of one length, got {tuple(aligned.shape)} "
+        raise DataError(f"paired scores must be two 1-d tensors of one length, got {tuple(aligned.shape)} "
                          f"and {tuple(base.shape)}")
     return (aligned > base).float() + 0.5 * (aligned == base).float()
 
@@ -39,7 +48,7 @@ def bootstrap_interval(values: torch.Tensor, confidence: float = 0.95, resamples
                        seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of ``values`` (deterministic for a seed)."""
     if values.numel() == 0:
-        raise ValueError("no values to bootstrap")
+        raise DataError("no values to bootstrap")
     generator = torch.Generator().manual_seed(seed)
     picks = torch.randint(0, values.numel(), (resamples, values.numel()), generator=generator)
     means = values.float()[picks].mean(dim=1)

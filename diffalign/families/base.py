@@ -7,14 +7,39 @@ The trainer calls these and knows no family specifics.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from huggingface_hub import hf_hub_download
 from PIL import Image
+
+from diffalign.errors import ConfigError, ModelError
+
+
+def read_model_index(pretrained: str, revision: str | None = None) -> dict:
+    """A checkpoint's ``model_index.json`` (its pipeline class and components), from a local diffusers folder or
+    the hub. Raises ``ModelError`` when there is none or it cannot be reached."""
+    local = Path(pretrained)
+    if local.is_dir():
+        index = local / "model_index.json"
+        if not index.is_file():
+            raise ModelError(f"{pretrained} has no model_index.json; model.pretrained must be a diffusers-format folder")
+        return json.loads(index.read_text())
+    try:
+        return json.loads(Path(hf_hub_download(pretrained, "model_index.json", revision=revision)).read_text())
+    except Exception as error:  # offline, missing repo, gated model: say what to do
+        raise ModelError(
+            f"could not read model_index.json for model.pretrained='{pretrained}': {error}. Give a local diffusers "
+            "folder, a reachable hub id (log in with `hf auth login` for gated models), or tiny:sd15 offline."
+        ) from error
 
 
 @dataclass
 class DiffusionComponents:
+    """What ``Family.load`` returns: the loaded modules and the settings every other family method reads."""
+
     family: Family
     pretrained: str  # resolved local path or hub id
     denoiser: torch.nn.Module
@@ -27,11 +52,16 @@ class DiffusionComponents:
     vae_dtype: torch.dtype | None = None  # None: the run's weight dtype; float32 where the VAE overflows in fp16
 
     def frozen_modules(self) -> list[torch.nn.Module]:
+        """The modules that never train: the VAE and the text encoders."""
         return [self.vae, *self.text_encoders]
 
 
 class Family:
-    """Base class: shared image preprocessing; families override the rest."""
+    """Base class: shared image preprocessing; families override the rest.
+
+    Shapes: B records of K images each are flattened image-major to N = B * K rows before ``predict``; latents
+    are (N, C, h, w) with h = w = resolution / the VAE's factor; ``timesteps`` are (N,) in [0, T).
+    """
 
     name: str = ""
     pipeline_class_names: tuple[str, ...] = ()
@@ -46,28 +76,72 @@ class Family:
     needs_image_sizes: bool = False
 
     def load(self, model_cfg, resolved_path: str) -> DiffusionComponents:
+        """Load the checkpoint's denoiser, VAE, text encoders, tokenizers and training scheduler.
+
+        Args:
+            model_cfg: the ``model`` config section (revision, variant, a separate ``vae``, ``resolution``).
+            resolved_path: a local diffusers folder or hub id (``model.pretrained`` after ``resolve_pretrained``).
+
+        Returns:
+            The components on the CPU in float32, the training resolution checked against the VAE and patches.
+        """
         raise NotImplementedError
 
     def encode_prompts(self, components: DiffusionComponents, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Conditioning tensors, batch-first, one row per prompt; cached to disk as they are."""
+        """Conditioning tensors of ``prompts``, batch-first, one row per prompt; cached to disk as they are.
+
+        Returns:
+            name -> tensor (len(prompts), ...), the keyword arguments ``predict`` reads (e.g.
+            ``encoder_hidden_states`` (P, 77, D)).
+        """
         raise NotImplementedError
 
     def encode_images(self, components: DiffusionComponents, pixels: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) in [-1, 1] -> scaled latents x0 (N, C, h, w)."""
+        """Scaled latents of images: the posterior mode (deterministic, so a cached latent is exact).
+
+        Args:
+            pixels: (N, 3, H, W) in [-1, 1], H = W = ``components.resolution``.
+
+        Returns:
+            x0 (N, C, h, w), scaled (and shifted) as the denoiser expects.
+        """
         raise NotImplementedError
 
     def noisy_input_and_target(
         self, components: DiffusionComponents, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The noised input x_t and the denoiser's regression target at ``timesteps``.
+
+        Args:
+            x0, noise: (N, C, h, w) clean latents and Gaussian noise.
+            timesteps: (N,) training timesteps (from ``sample_timesteps``).
+
+        Returns:
+            (x_t, target), both (N, C, h, w): epsilon, v or x0 for DDPM schedules (the scheduler's
+            ``prediction_type``), the velocity eps - x0 for flow matching.
+        """
         raise NotImplementedError
 
     def sample_timesteps(self, components: DiffusionComponents, count: int, generator: torch.Generator,
                          timestep_cfg=None) -> torch.Tensor:
-        """``count`` training timesteps from ``generator`` (CPU), honouring ``train.timesteps``."""
+        """``count`` training timesteps from ``generator`` (CPU), honouring ``train.timesteps``.
+
+        Args:
+            timestep_cfg: the ``train.timesteps`` section (density, interval, logit-normal mean and std), or None
+                for the family's default density over the whole schedule.
+
+        Returns:
+            (count,) timesteps in [0, T) (or the configured interval): integers for DDPM, floats for flow matching.
+        """
         raise NotImplementedError
 
     def timestep_weights(self, components: DiffusionComponents, timesteps: torch.Tensor, timestep_cfg):
-        """Per-sample loss weights for ``timesteps`` (None = all ones)."""
+        """Per-sample loss weights for ``timesteps`` under ``train.timesteps.weighting``.
+
+        Returns:
+            (N,) float32 CPU weights, or None for all ones. Raises ``ConfigError`` for a weighting the noise
+            schedule does not define (min_snr on flow matching).
+        """
         raise NotImplementedError
 
     def image_cond(self, components: DiffusionComponents, image_sizes: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -79,6 +153,8 @@ class Family:
     def predict(
         self, denoiser: torch.nn.Module, x_t: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor]
     ) -> torch.Tensor:
+        """The denoiser's output for ``x_t`` (N, C, h, w) at ``timesteps`` (N,) under ``cond`` (from
+        ``encode_prompts`` and ``image_cond``, every value with N rows). Returns (N, C, h, w)."""
         raise NotImplementedError
 
     def num_train_timesteps(self, components: DiffusionComponents) -> int:
@@ -100,6 +176,8 @@ class Family:
         raise NotImplementedError
 
     def build_pipeline(self, components: DiffusionComponents, denoiser: torch.nn.Module | None = None):
+        """The family's stock diffusers pipeline over ``components`` (with ``denoiser`` in place of the loaded one
+        when given), for validation images and sampling."""
         raise NotImplementedError
 
     def save_lora(self, directory: str, lora_state_dict: dict, adapter_metadata: dict) -> None:
@@ -107,6 +185,7 @@ class Family:
         raise NotImplementedError
 
     def pipeline_class(self):
+        """The diffusers pipeline class of the family (``StableDiffusionPipeline`` ...)."""
         raise NotImplementedError
 
     # -- shared -------------------------------------------------------------------------------------------
@@ -118,8 +197,8 @@ class Family:
         resolution = requested or sample_size * vae_factor
         multiple = vae_factor * patch_size
         if resolution % multiple:
-            raise ValueError(f"model.resolution={resolution} must be a multiple of {multiple} (the VAE's factor "
-                             f"{vae_factor} x patch size {patch_size})")
+            raise ConfigError(f"model.resolution={resolution} must be a multiple of {multiple} (the VAE's factor "
+                              f"{vae_factor} x patch size {patch_size})")
         return resolution
 
     @staticmethod

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import torch
 
+from diffalign.errors import ModelError
 from diffalign.families.base import DiffusionComponents, Family
-from diffalign.training.timesteps import resolve_density, sample_ddpm_timesteps, timestep_weights
+from diffalign.families.timesteps import resolve_density, sample_ddpm_timesteps, timestep_weights
+
+# diffusers and transformers are imported in the methods that use them: their model and pipeline classes take
+# seconds to import, and ``import diffalign.families`` (the CLI's choices, ``diffalign list``) stays quick.
 
 
 # (x0, eps) from each prediction type at x_t = alpha x0 + sigma eps; v = alpha eps - sigma x0.
@@ -85,9 +89,11 @@ class StableDiffusionFamily(Family):
         return sample_ddpm_timesteps(self.num_train_timesteps(components), count, generator, timestep_cfg, density)
 
     def timestep_weights(self, components: DiffusionComponents, timesteps: torch.Tensor, timestep_cfg):
+        from diffusers.training_utils import compute_snr
+
         scheduler = components.noise_scheduler
-        alphas = scheduler.alphas_cumprod[timesteps.cpu()]
-        return timestep_weights(timesteps, alphas / (1 - alphas), timestep_cfg, scheduler.config.prediction_type)
+        snr = compute_snr(scheduler, timesteps.cpu())  # alphas_cumprod / (1 - alphas_cumprod), as diffusers' scripts
+        return timestep_weights(timesteps, snr, timestep_cfg, scheduler.config.prediction_type)
 
     def noisy_input_and_target(self, components, x0, noise, timesteps):
         scheduler = components.noise_scheduler
@@ -100,7 +106,7 @@ class StableDiffusionFamily(Family):
         elif prediction_type == "sample":
             target = x0
         else:
-            raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+            raise ModelError(f"unsupported prediction_type {prediction_type!r}")
         return x_t, target
 
     def predict(self, denoiser, x_t, timesteps, cond):
@@ -117,7 +123,7 @@ class StableDiffusionFamily(Family):
     def split_prediction(self, components: DiffusionComponents, pred, x_t, alpha, sigma):
         prediction_type = components.noise_scheduler.config.prediction_type
         if prediction_type not in SPLITS:
-            raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+            raise ModelError(f"unsupported prediction_type {prediction_type!r}")
         return SPLITS[prediction_type](pred, x_t, alpha, sigma)
 
     def pipeline_class(self):

@@ -22,8 +22,12 @@ from __future__ import annotations
 
 import torch
 
-from diffalign.families.base import DiffusionComponents, Family
-from diffalign.training.timesteps import interval_bounds, resolve_density, sample_unit_levels, table_weights
+from diffalign.errors import ConfigError, ModelError
+from diffalign.families.base import DiffusionComponents, Family, read_model_index
+from diffalign.families.timesteps import interval_bounds, resolve_density, sample_unit_levels, table_weights
+
+# diffusers and transformers are imported in the methods that use them: their model and pipeline classes take
+# seconds to import, and ``import diffalign.families`` (the CLI's choices, ``diffalign list``) stays quick.
 
 T5_MAX_LENGTH = 256  # StableDiffusion3Pipeline's default max_sequence_length: train on what sampling sees
 
@@ -65,9 +69,6 @@ class StableDiffusion3Family(Family):
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-        from diffalign.errors import ConfigError
-        from diffalign.families import read_model_index
-
         common = dict(revision=model_cfg.revision)
         weights = dict(variant=model_cfg.variant, **common)
         transformer = SD3Transformer2DModel.from_pretrained(resolved_path, subfolder="transformer", **weights)
@@ -83,7 +84,7 @@ class StableDiffusion3Family(Family):
         t5_tokenizer = T5TokenizerFast.from_pretrained(resolved_path, subfolder="tokenizer_3", **common) if has_t5 else None
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(resolved_path, subfolder="scheduler", **common)
         if scheduler.config.get("use_dynamic_shifting"):
-            raise ConfigError(f"{resolved_path}: the scheduler shifts its timesteps by resolution (use_dynamic_shifting); "
+            raise ModelError(f"{resolved_path}: the scheduler shifts its timesteps by resolution (use_dynamic_shifting); "
                               "the sd3 family trains with the static `shift` of SD3 / SD3.5 checkpoints")
         resolution = self.training_resolution(model_cfg.resolution, transformer.config.sample_size, vae,
                                               transformer.config.patch_size)
@@ -153,7 +154,7 @@ class StableDiffusion3Family(Family):
             return None
         if timestep_cfg.weighting == "table":
             return table_weights(timesteps, timestep_cfg.weight_table)
-        raise ValueError(f"train.timesteps.weighting={timestep_cfg.weighting} is defined for DDPM noise schedules; "
+        raise ConfigError(f"train.timesteps.weighting={timestep_cfg.weighting} is defined for DDPM noise schedules; "
                          "for flow matching use weighting=table (per-interval weights) or none")
 
     def sigmas(self, components: DiffusionComponents, timesteps: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import torch
 
-from diffalign.families.base import DiffusionComponents
+from diffalign.families.base import DiffusionComponents, read_model_index
 from diffalign.families.sd import StableDiffusionFamily
+
+# diffusers and transformers are imported in the methods that use them: their model and pipeline classes take
+# seconds to import, and ``import diffalign.families`` (the CLI's choices, ``diffalign list``) stays quick.
 
 
 class StableDiffusionXLFamily(StableDiffusionFamily):
@@ -27,8 +30,6 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     def load(self, model_cfg, resolved_path: str) -> DiffusionComponents:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-        from diffalign.families import read_model_index
 
         common = dict(revision=model_cfg.revision)
         weights = dict(variant=model_cfg.variant, **common)

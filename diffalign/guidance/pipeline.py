@@ -1,7 +1,13 @@
 """``load_pipeline``: a stock diffusers pipeline whose denoiser picks its LoRA adapters at every call.
 
-    pipe = load_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5", lora="runs/dpo", npo="runs/npo")
-    image = pipe("a fox in the snow", guidance_scale=7.5).images[0]
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from diffalign.offline.lora import build_tiny_lora
+    >>> dpo, npo = (build_tiny_lora(Path(tempfile.mkdtemp()) / "lora", seed=seed) for seed in (1, 2))
+    >>> pipe = load_pipeline("tiny:sd15", lora=str(dpo), npo=str(npo))   # a hub id or folder in real use
+    >>> image = pipe("a fox in the snow", guidance_scale=7.5, num_inference_steps=2).images[0]
+    >>> image.size
+    (32, 32)
 
 NPO-guided CFG (Diffusion-NPO): the pipeline's CFG batch is [negative/unconditional; conditional]. The
 conditional half runs with theta_pos = base + positive LoRA; the negative half with
@@ -23,21 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
+import diffalign.offline  # noqa: F401  (registers the tiny: model specs that resolve_pretrained reads)
+from diffalign.errors import ConfigError, MissingFile, ModelError
+from diffalign.families import detect_family, resolve_pretrained
+from diffalign.guidance.samplers import set_scheduler
 from diffalign.guidance.segments import Segment, parse_segments
 from diffalign.training.lora import LORA_WEIGHT_NAME
-
-SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "dpm": "DPMSolverMultistepScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "pndm": "PNDMScheduler",
-    "ddpm": "DDPMScheduler",
-    "unipc": "UniPCMultistepScheduler",
-    "flow_euler": "FlowMatchEulerDiscreteScheduler",
-}
-FLOW_SCHEDULERS = ("flow_euler",)  # for flow-matching models (SD3); the others are for DDPM-schedule models
 
 
 def lora_file(path: str | Path) -> Path:
@@ -45,7 +44,7 @@ def lora_file(path: str | Path) -> Path:
     path = Path(path)
     candidate = path / LORA_WEIGHT_NAME if path.is_dir() else path
     if not candidate.is_file():
-        raise FileNotFoundError(f"no LoRA at {path}: expected a run folder holding {LORA_WEIGHT_NAME} "
+        raise MissingFile(f"no LoRA at {path}: expected a run folder holding {LORA_WEIGHT_NAME} "
                                 "or a .safetensors LoRA file")
     return candidate
 
@@ -55,8 +54,6 @@ def check_lora_fits(denoiser: torch.nn.Module, path: Path, prefix: str) -> None:
 
     (diffusers would otherwise skip unknown keys with a warning, and sample the base model silently.)
     """
-    from safetensors import safe_open
-
     modules = dict(denoiser.named_modules())
     checked = 0
     with safe_open(str(path), framework="pt") as handle:
@@ -66,16 +63,16 @@ def check_lora_fits(denoiser: torch.nn.Module, path: Path, prefix: str) -> None:
             module_path = key[len(prefix) + 1 :].rsplit(".lora", 1)[0]
             module = modules.get(module_path)
             if module is None:
-                raise ValueError(f"LoRA {path} does not fit this base model: it adapts '{module_path}', which "
+                raise ModelError(f"LoRA {path} does not fit this base model: it adapts '{module_path}', which "
                                  "this denoiser does not have. It was trained for a different base.")
             weight = getattr(module, "base_layer", module).weight
             rank, fan_in = handle.get_slice(key).get_shape()[:2]
             if fan_in != weight.shape[1]:
-                raise ValueError(f"LoRA {path} does not fit this base model: '{module_path}' takes {weight.shape[1]} "
+                raise ModelError(f"LoRA {path} does not fit this base model: '{module_path}' takes {weight.shape[1]} "
                                  f"inputs here but {fan_in} in the LoRA. It was trained for a different base.")
             checked += 1
     if checked == 0:
-        raise ValueError(f"LoRA {path} holds no '{prefix}.*' LoRA weights in the diffusers format; for kohya files "
+        raise ModelError(f"LoRA {path} holds no '{prefix}.*' LoRA weights in the diffusers format; for kohya files "
                          "load them with pipe.load_lora_weights directly")
 
 
@@ -181,42 +178,34 @@ def install_router(pipe, denoiser_name: str, router: AdapterRouter) -> None:
     pipe.adapter_router = router
 
 
-def set_scheduler(pipe, name: str) -> None:
-    import diffusers
-
-    if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler '{name}'; choose one of {', '.join(SCHEDULERS)}")
-    flow_model = type(pipe.scheduler).__name__.startswith("FlowMatch")
-    if flow_model != (name in FLOW_SCHEDULERS):
-        usable = [n for n in SCHEDULERS if (n in FLOW_SCHEDULERS) == flow_model]
-        kind = "a flow-matching" if flow_model else "a DDPM-schedule"
-        raise ValueError(f"scheduler '{name}' does not fit {kind} model ({type(pipe).__name__}); use one of "
-                         f"{', '.join(usable)}")
-    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
-
-
 def load_pipeline(base: str, lora: str | None = None, npo: str | None = None, npo_merge_weight: float = 0.0,
                   segments=None, lora_scale: float = 1.0, npo_scale: float = 1.0, scheduler: str | None = None,
                   torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None):
     """A stock diffusers pipeline for ``base`` (hub id, folder or tiny:<family>) with diffalign's adapter routing.
 
     Args:
+        base: a hub id, a local diffusers folder, or ``tiny:<name>`` (built offline on first use).
         lora: the positive LoRA (run folder or file), used in the conditional branch.
         npo: a negative LoRA from ``npo`` or ``self_npo`` training, used in the negative/unconditional branch.
         npo_merge_weight: m in theta_neg = base + npo + (1 - m) * positive (0 = the authors' default).
         segments: a segments.yaml path or list (see ``guidance.segments``): per-timestep-interval LoRAs.
         lora_scale, npo_scale: adapter weights of the positive and the NPO LoRA.
-        scheduler: replace the pipeline's scheduler by name (ddim, dpm, euler, euler_a, pndm, ddpm, unipc; for
-            flow-matching models such as SD3: flow_euler).
-    """
-    from diffusers import DiffusionPipeline
+        scheduler: replace the pipeline's scheduler by name, one of ``SAMPLERS`` (ddim, dpm, euler, euler_a, pndm,
+            ddpm, unipc; for flow-matching models such as SD3: flow_euler).
+        torch_dtype, device: as ``DiffusionPipeline.from_pretrained`` and ``pipe.to`` take them.
 
-    from diffalign.families import detect_family
-    from diffalign.tiny import resolve_model_spec
+    Returns:
+        the diffusers pipeline; ``pipe.adapter_router`` (an ``AdapterRouter``) when any adapter is loaded.
+
+    Raises:
+        ``ConfigError`` (bad merge weight, segments or scheduler), ``MissingFile`` (no LoRA at a path; also a
+        ``FileNotFoundError``), ``ModelError`` (a LoRA trained for another base).
+    """
+    from diffusers import DiffusionPipeline  # heavy (seconds): imported when a pipeline is built
 
     if not 0.0 <= npo_merge_weight <= 1.0:
-        raise ValueError(f"npo_merge_weight must be in [0, 1], got {npo_merge_weight}")
-    path = resolve_model_spec(base)
+        raise ConfigError(f"npo_merge_weight must be in [0, 1], got {npo_merge_weight}")
+    path = resolve_pretrained(base)
     family = detect_family(path)
     # Fail on bad LoRA paths and segment specs before loading multi-GB weights.
     named_files = [("positive", lora_file(lora))] if lora else []

@@ -27,7 +27,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from diffalign.objectives.base import Objective, ObjectiveInputs, ObjectiveOutput, register_objective
+from diffalign.objectives.base import (
+    Objective,
+    ObjectiveInputError,
+    ObjectiveInputs,
+    ObjectiveOutput,
+    check_positive,
+    register_objective,
+)
 
 
 @dataclass
@@ -36,10 +43,14 @@ class DPOParams:
     variant: str = "sigmoid"  # sigmoid | hinge | ipo
 
     def __post_init__(self):
-        if self.variant not in ("sigmoid", "hinge", "ipo"):
-            raise ValueError(f"variant must be sigmoid, hinge or ipo, got {self.variant!r}")
-        if self.beta <= 0:
-            raise ValueError(f"beta must be positive, got {self.beta}")
+        check_variant(self.variant)
+        check_positive(self, "beta")
+
+
+def check_variant(variant: str) -> None:
+    """``variant`` of the DPO-family params (DPO, NPO): sigmoid, hinge or ipo."""
+    if variant not in ("sigmoid", "hinge", "ipo"):
+        raise ValueError(f"variant must be sigmoid, hinge or ipo, got {variant!r}")
 
 
 def implicit_accuracy(logits: torch.Tensor) -> torch.Tensor:
@@ -72,7 +83,7 @@ def dpo_losses(
     elif variant == "ipo":
         losses = (logits - 1 / (2 * 0.5 * beta)) ** 2
     else:
-        raise ValueError(f"unknown DPO variant {variant!r}")
+        raise ObjectiveInputError(f"unknown DPO variant {variant!r}")
     return losses, logits
 
 
@@ -91,7 +102,7 @@ def dpo_metrics(inputs: ObjectiveInputs, logits: torch.Tensor, beta: float) -> d
 
 def dpo_objective(inputs: ObjectiveInputs, params: DPOParams) -> ObjectiveOutput:
     if inputs.ref_err is None:
-        raise ValueError("DPO needs reference errors")
+        raise ObjectiveInputError("DPO needs reference errors")
     losses, logits = dpo_losses(
         inputs.policy_err[:, 0], inputs.policy_err[:, 1], inputs.ref_err[:, 0], inputs.ref_err[:, 1],
         params.beta, params.variant,

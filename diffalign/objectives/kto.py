@@ -26,7 +26,14 @@ from dataclasses import dataclass
 
 import torch
 
-from diffalign.objectives.base import Objective, ObjectiveInputs, ObjectiveOutput, register_objective
+from diffalign.objectives.base import (
+    Objective,
+    ObjectiveInputError,
+    ObjectiveInputs,
+    ObjectiveOutput,
+    check_positive,
+    register_objective,
+)
 from diffalign.objectives.dpo import implicit_accuracy
 
 
@@ -37,21 +44,19 @@ class KTOParams:
     lambda_undesirable: float = 1.0
 
     def __post_init__(self):
-        for name in ("beta", "lambda_desirable", "lambda_undesirable"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        check_positive(self, "beta", "lambda_desirable", "lambda_undesirable")
 
 
 def kto_objective(inputs: ObjectiveInputs, params: KTOParams) -> ObjectiveOutput:
     if inputs.ref_err is None:
-        raise ValueError("KTO needs reference errors")
+        raise ObjectiveInputError("KTO needs reference errors")
     if inputs.labels is None:
-        raise ValueError("KTO needs labels (1 = desirable, 0 = undesirable)")
+        raise ObjectiveInputError("KTO needs labels (1 = desirable, 0 = undesirable)")
     policy, ref = inputs.policy_err, inputs.ref_err
     if inputs.labels.shape != policy.shape:
-        raise ValueError(f"labels shape {tuple(inputs.labels.shape)} != errors shape {tuple(policy.shape)}")
+        raise ObjectiveInputError(f"labels shape {tuple(inputs.labels.shape)} != errors shape {tuple(policy.shape)}")
     if not ((inputs.labels == 0) | (inputs.labels == 1)).all():
-        raise ValueError("labels must be 0 or 1")
+        raise ObjectiveInputError("labels must be 0 or 1")
     desirable = inputs.labels == 1
     sign = desirable.to(policy.dtype) * 2 - 1
     weight = torch.where(desirable, params.lambda_desirable, params.lambda_undesirable).to(policy.dtype)

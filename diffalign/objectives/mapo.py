@@ -26,7 +26,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from diffalign.objectives.base import Objective, ObjectiveInputs, ObjectiveOutput, register_objective
+from diffalign.objectives.base import (
+    Objective,
+    ObjectiveInputs,
+    ObjectiveOutput,
+    check_positive,
+    register_objective,
+)
 
 
 @dataclass
@@ -36,9 +42,7 @@ class MaPOParams:
     snr_scale: float = 0.5  # s in f(m), the authors' snr_value
 
     def __post_init__(self):
-        for name in ("beta", "temperature", "snr_scale"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        check_positive(self, "beta", "temperature", "snr_scale")
 
 
 def mapo_odds(err: torch.Tensor, snr_scale: float) -> torch.Tensor:

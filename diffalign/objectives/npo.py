@@ -33,8 +33,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from diffalign.objectives.base import Objective, ObjectiveInputs, ObjectiveOutput, register_objective
-from diffalign.objectives.dpo import dpo_losses, dpo_metrics
+from diffalign.objectives.base import (
+    Objective,
+    ObjectiveInputError,
+    ObjectiveInputs,
+    ObjectiveOutput,
+    check_positive,
+    register_objective,
+)
+from diffalign.objectives.dpo import check_variant, dpo_losses, dpo_metrics
 
 
 @dataclass
@@ -43,15 +50,13 @@ class NPOParams:
     variant: str = "sigmoid"  # sigmoid | hinge | ipo
 
     def __post_init__(self):
-        if self.variant not in ("sigmoid", "hinge", "ipo"):
-            raise ValueError(f"variant must be sigmoid, hinge or ipo, got {self.variant!r}")
-        if self.beta <= 0:
-            raise ValueError(f"beta must be positive, got {self.beta}")
+        check_variant(self.variant)
+        check_positive(self, "beta")
 
 
 def npo_objective(inputs: ObjectiveInputs, params: NPOParams) -> ObjectiveOutput:
     if inputs.ref_err is None:
-        raise ValueError("NPO needs reference errors")
+        raise ObjectiveInputError("NPO needs reference errors")
     policy, ref = inputs.policy_err, inputs.ref_err
     # swapped: the dispreferred image (column 1) is the "winner" of the DPO math
     losses, logits = dpo_losses(policy[:, 1], policy[:, 0], ref[:, 1], ref[:, 0], params.beta, params.variant)

@@ -29,7 +29,14 @@ from dataclasses import dataclass
 
 import torch
 
-from diffalign.objectives.base import Objective, ObjectiveInputs, ObjectiveOutput, register_objective
+from diffalign.objectives.base import (
+    Objective,
+    ObjectiveInputError,
+    ObjectiveInputs,
+    ObjectiveOutput,
+    check_positive,
+    register_objective,
+)
 from diffalign.objectives.dpo import dpo_losses
 
 
@@ -38,8 +45,7 @@ class RankDPOParams:
     beta: float = 5000.0  # 0.5-factor convention, as dpo.py
 
     def __post_init__(self):
-        if self.beta <= 0:
-            raise ValueError(f"beta must be positive, got {self.beta}")
+        check_positive(self, "beta")
 
 
 def rank_dpo_weights(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,12 +64,12 @@ def rank_dpo_weights(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def rank_dpo_objective(inputs: ObjectiveInputs, params: RankDPOParams) -> ObjectiveOutput:
     if inputs.ref_err is None:
-        raise ValueError("RankDPO needs reference errors")
+        raise ObjectiveInputError("RankDPO needs reference errors")
     if inputs.scores is None:
-        raise ValueError("RankDPO needs reward scores for every image of each record")
+        raise ObjectiveInputError("RankDPO needs reward scores for every image of each record")
     policy, ref = inputs.policy_err, inputs.ref_err
     if inputs.scores.shape != policy.shape:
-        raise ValueError(f"scores shape {tuple(inputs.scores.shape)} != errors shape {tuple(policy.shape)}")
+        raise ObjectiveInputError(f"scores shape {tuple(inputs.scores.shape)} != errors shape {tuple(policy.shape)}")
     valid, delta = rank_dpo_weights(inputs.scores.detach().to(policy.dtype))
     # every ordered pair (i, j) as a DPO pair with i in the winner slot; only s_i > s_j keep a weight
     terms, logits = dpo_losses(policy[:, :, None], policy[:, None, :], ref[:, :, None], ref[:, None, :], params.beta)

@@ -28,7 +28,14 @@ from dataclasses import dataclass
 
 import torch
 
-from diffalign.objectives.base import Objective, ObjectiveInputs, ObjectiveOutput, register_objective
+from diffalign.objectives.base import (
+    Objective,
+    ObjectiveInputError,
+    ObjectiveInputs,
+    ObjectiveOutput,
+    check_positive,
+    register_objective,
+)
 from diffalign.objectives.dpo import dpo_losses, dpo_metrics
 
 
@@ -38,8 +45,7 @@ class SDPOParams:
     mu: float = 0.0  # safeguard strength in [0, 1]; authors: 0.9 (SD1.5), 0.6 (SDXL)
 
     def __post_init__(self):
-        if self.beta <= 0:
-            raise ValueError(f"beta must be positive, got {self.beta}")
+        check_positive(self, "beta")
         if not 0.0 <= self.mu <= 1.0:
             raise ValueError(f"mu must be in [0, 1], got {self.mu}")
 
@@ -65,9 +71,9 @@ def sdpo_lambda(residuals: torch.Tensor, mu: float, eps: float = 1e-9) -> torch.
 
 def sdpo_objective(inputs: ObjectiveInputs, params: SDPOParams) -> ObjectiveOutput:
     if inputs.ref_err is None:
-        raise ValueError("SDPO needs reference errors")
+        raise ObjectiveInputError("SDPO needs reference errors")
     if inputs.residuals is None:
-        raise ValueError("SDPO needs residuals (policy pred - target)")
+        raise ObjectiveInputError("SDPO needs residuals (policy pred - target)")
     policy, ref = inputs.policy_err, inputs.ref_err
     lam = sdpo_lambda(inputs.residuals, params.mu).to(policy.dtype)
     loser = policy[:, 1]

@@ -43,6 +43,9 @@ denoiser's output into (x0_hat, eps_hat): SD/SDXL epsilon, v-prediction (SD2.x 7
 (alpha = 1 - t/T, sigma = t/T, v = eps - x0) through its own family. Guidance is an affine combination of the
 raw predictions (weights 1 + w and -w) and the split is affine in the prediction, so guiding the raw predictions
 guides x0_hat and eps_hat alike.
+
+Here: the hyperparameters and the pure functions. The step procedure, registered as ``"self_npo"`` in
+``diffalign.training.steps.STEPS`` (the objective's ``step``), is ``diffalign.training.self_npo``.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diffalign.objectives.base import Objective, ObjectiveInputs, ObjectiveOutput, register_objective
+from diffalign.objectives.base import Objective, check_positive, register_objective
 
 
 @dataclass
@@ -69,8 +72,7 @@ class SelfNPOParams:
             raise ValueError(f"teacher_steps must be at least 1, got {self.teacher_steps}")
         if self.teacher_steps > self.grid_steps:
             raise ValueError(f"teacher_steps ({self.teacher_steps}) cannot exceed grid_steps ({self.grid_steps})")
-        if self.huber_c <= 0:
-            raise ValueError(f"huber_c must be positive, got {self.huber_c}")
+        check_positive(self, "huber_c")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
@@ -119,26 +121,14 @@ def renoise_variance_exploding(x_prev: torch.Tensor, alpha_e: torch.Tensor, sigm
 
 
 # ---------------------------------------------------------------------------------------------- registration
-def self_npo_loss_fn(inputs: ObjectiveInputs, params: SelfNPOParams) -> ObjectiveOutput:
-    raise ValueError("self_npo is a training procedure (teacher sampling, re-noising, a loss in x0 space), not a "
-                     "function of per-sample errors: call its custom_step (diffalign.training.self_npo) instead")
-
-
-def self_npo_custom_step(**kwargs) -> ObjectiveOutput:
-    from diffalign.training.self_npo import self_npo_step  # lazy: training imports objectives
-
-    return self_npo_step(**kwargs)
-
-
 register_objective(
     Objective(
         name="self_npo",
         params_cls=SelfNPOParams,
-        loss_fn=self_npo_loss_fn,
+        step="self_npo",  # the step procedure in diffalign.training.self_npo; no loss_fn
         needs_reference=True,  # the EMA teacher
         images_per_record=1,
         data_kind="images",
-        custom_step=self_npo_custom_step,
         default_reference="ema",  # the teacher is an EMA of the student ...
         reference_overrides=lambda params: {"ema_decay": params.ema_decay, "ema_update_every": 1},  # ... every step
         description="Self-NPO: truncated fine-tuning towards the EMA teacher's negatively guided DDIM steps "

@@ -30,7 +30,14 @@ from dataclasses import dataclass
 
 import torch
 
-from diffalign.objectives.base import Objective, ObjectiveInputs, ObjectiveOutput, register_objective
+from diffalign.objectives.base import (
+    Objective,
+    ObjectiveInputError,
+    ObjectiveInputs,
+    ObjectiveOutput,
+    check_positive,
+    register_objective,
+)
 from diffalign.objectives.dpo import dpo_losses, dpo_metrics, implicit_accuracy
 
 
@@ -42,10 +49,7 @@ class SmPOParams:
     score_max: float = 0.28202
 
     def __post_init__(self):
-        if self.beta <= 0:
-            raise ValueError(f"beta must be positive, got {self.beta}")
-        if self.smoothing_scale <= 0:
-            raise ValueError(f"smoothing_scale must be positive, got {self.smoothing_scale}")
+        check_positive(self, "beta", "smoothing_scale")
         if self.score_max <= self.score_min:
             raise ValueError(f"score_max must exceed score_min, got {self.score_max} <= {self.score_min}")
 
@@ -58,12 +62,12 @@ def smpo_preference(scores: torch.Tensor, score_min: float, score_max: float) ->
 
 def smpo_objective(inputs: ObjectiveInputs, params: SmPOParams) -> ObjectiveOutput:
     if inputs.ref_err is None:
-        raise ValueError("SmPO needs reference errors")
+        raise ObjectiveInputError("SmPO needs reference errors")
     if inputs.scores is None:
-        raise ValueError("SmPO needs reward scores for both images of each pair")
+        raise ObjectiveInputError("SmPO needs reward scores for both images of each pair")
     policy, ref = inputs.policy_err, inputs.ref_err
     if inputs.scores.shape != policy.shape:
-        raise ValueError(f"scores shape {tuple(inputs.scores.shape)} != errors shape {tuple(policy.shape)}")
+        raise ObjectiveInputError(f"scores shape {tuple(inputs.scores.shape)} != errors shape {tuple(policy.shape)}")
     p_w = smpo_preference(inputs.scores.detach().to(policy.dtype), params.score_min, params.score_max)
     strength = 2 * p_w - 1
     pair_beta = params.beta * params.smoothing_scale * strength

@@ -1,13 +1,17 @@
 """Reward models for evaluation and data labelling: each scores (image, prompt) pairs, higher is better.
 
-    from diffalign.rewards import build_reward, available_rewards
-    reward = build_reward("hpsv21", device="cuda")           # weights=None downloads the real checkpoint once
-    scores = reward.score(images, prompts)                   # (N,) float32 CPU tensor, one batch
+    >>> from diffalign.rewards import REWARDS, build_reward
+    >>> sorted(REWARDS.names())
+    ['aesthetic', 'clip', 'hpsv2', 'hpsv21', 'pickscore', 'toy_redness']
 
-Registered: ``clip`` (100 x cosine, open_clip), ``hpsv2`` / ``hpsv21`` (HPS v2.0 / v2.1, ViT-H-14, letterbox
-input), ``pickscore`` (PickScore_v1, transformers CLIP-H), ``aesthetic`` (LAION aesthetic v2 MLP on CLIP
-ViT-L/14), ``toy_redness`` (the toy world's pixel statistic). Each module's docstring gives the formula, source, weights and options; ``rewards.tiny`` writes tiny
-random-weight versions in the real on-disk formats for offline tests.
+``build_reward("hpsv21", device="cuda")`` downloads the real checkpoint once (``weights=None``); its
+``score(images, prompts)`` gives an (N,) float32 CPU tensor for one batch.
+
+Registered in ``REWARDS``, each with a one-line description and its source (``diffalign list rewards``):
+``clip`` (100 x cosine, open_clip), ``hpsv2`` / ``hpsv21`` (HPS v2.0 / v2.1, ViT-H-14, letterbox input),
+``pickscore`` (PickScore_v1, transformers CLIP-H), ``aesthetic`` (LAION aesthetic v2 MLP on CLIP ViT-L/14),
+``toy_redness`` (the toy world's pixel statistic). Each module's docstring gives the formula, source, weights and
+options; ``rewards.tiny`` writes tiny random-weight versions in the real on-disk formats for offline tests.
 
 ImageReward (THUDM) is left out on purpose: the ``image-reward`` wheel pins timm==0.6.13 (conflicting with
 open_clip 3.x) and fails to import on transformers 5, and porting its BLIP ViT-L + BERT-with-cross-attention
@@ -15,6 +19,13 @@ open_clip 3.x) and fails to import on transformers 5, and porting its BLIP ViT-L
 """
 
 from diffalign.rewards import aesthetic, clip, hpsv2, pickscore, toy  # noqa: F401  (imports register the rewards)
-from diffalign.rewards.base import RewardModel, available_rewards, build_reward, reward_spec
+from diffalign.rewards.base import (
+    REWARDS,
+    RewardModel,
+    RewardSpec,
+    available_rewards,
+    build_reward,
+    reward_spec,
+)
 
-__all__ = ["RewardModel", "available_rewards", "build_reward", "reward_spec"]
+__all__ = ["REWARDS", "RewardModel", "RewardSpec", "available_rewards", "build_reward", "reward_spec"]

@@ -20,10 +20,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from huggingface_hub import hf_hub_download
 from PIL import Image
 from torch import nn
 
-from diffalign.rewards.base import RewardModel, RewardSpec, register_reward
+from diffalign.errors import ModelError
+from diffalign.rewards.base import REWARDS, RewardModel, RewardSpec
 from diffalign.rewards.common import (
     load_open_clip,
     load_state_dict_file,
@@ -60,7 +62,7 @@ class AestheticMLP(nn.Module):
 def load_mlp(path: str | Path) -> AestheticMLP:
     state_dict = load_state_dict_file(path)
     if set(state_dict) != MLP_KEYS:
-        raise ValueError(f"{path}: not an aesthetic v2 MLP; keys {sorted(state_dict)[:6]}..., expected "
+        raise ModelError(f"{path}: not an aesthetic v2 MLP; keys {sorted(state_dict)[:6]}..., expected "
                          f"layers.{{0,2,4,6,7}}.(weight|bias)")
     mlp = AestheticMLP(state_dict["layers.0.weight"].shape[1])
     mlp.load_state_dict(state_dict)
@@ -93,8 +95,6 @@ def build_aesthetic(weights=None, device=None, dtype=None, **options) -> Aesthet
     clip_model_config, hub_repo, filename (see the module docstring)."""
     weights, options = resolve_options(weights, options, DEFAULTS, "aesthetic")
     if weights is None:
-        from huggingface_hub import hf_hub_download
-
         weights = hf_hub_download(options["hub_repo"], options["filename"])
     elif Path(weights).is_dir():
         weights = str(Path(weights) / options["filename"])
@@ -107,15 +107,15 @@ def build_aesthetic(weights=None, device=None, dtype=None, **options) -> Aesthet
     mlp = load_mlp(weights).to(device)  # the head stays float32, as the authors ran it
     width = clip.visual.output_dim
     if mlp.layers[0].in_features != width:
-        raise ValueError(f"aesthetic MLP expects {mlp.layers[0].in_features}-d embeddings, the CLIP gives {width}")
+        raise ModelError(f"aesthetic MLP expects {mlp.layers[0].in_features}-d embeddings, the CLIP gives {width}")
     return Aesthetic(mlp, clip, preprocess, device, dtype)
 
 
-register_reward(RewardSpec(
-    name="aesthetic",
-    builder=build_aesthetic,
+REWARDS.register(
+    "aesthetic",
+    RewardSpec(build_aesthetic, backbone="open_clip ViT-L-14 (openai) + 5-layer linear MLP",
+               weights_source=f"hub {HUB_REPO} / {FILENAME}; CLIP: open_clip tag 'openai'",
+               score_range="about 1-10 (typical images 4-7)"),
     description="LAION aesthetic v2: linear MLP on the normalised CLIP ViT-L/14 image embedding (prompt ignored)",
-    backbone="open_clip ViT-L-14 (openai) + 5-layer linear MLP",
-    weights_source=f"hub {HUB_REPO} / {FILENAME}; CLIP: open_clip tag 'openai'",
-    score_range="about 1-10 (typical images 4-7)",
-))
+    source="LAION-Aesthetics v2 (Schuhmann 2022); christophschuhmann/improved-aesthetic-predictor",
+)

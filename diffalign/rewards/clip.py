@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from diffalign.rewards.base import RewardModel, RewardSpec, register_reward
+from diffalign.rewards.base import REWARDS, RewardModel, RewardSpec
 from diffalign.rewards.common import (
     load_open_clip,
     open_clip_embeddings,
@@ -74,11 +74,11 @@ def build_clip(weights=None, device=None, dtype=None, **options) -> OpenClipScor
     return OpenClipScore(model, preprocess, tokenizer, device, dtype)
 
 
-register_reward(RewardSpec(
-    name="clip",
-    builder=build_clip,
+REWARDS.register(
+    "clip",
+    RewardSpec(build_clip, backbone="open_clip ViT-L-14 (configurable)",
+               weights_source="open_clip tag 'openai' (hub timm/vit_large_patch14_clip_224.openai)",
+               score_range="100 x cosine, roughly 15-35 for matching pairs"),
     description="CLIP score: 100 * cos(image, text) with an open_clip model (no clamp at 0)",
-    backbone="open_clip ViT-L-14 (configurable)",
-    weights_source="open_clip tag 'openai' (hub timm/vit_large_patch14_clip_224.openai)",
-    score_range="100 x cosine, roughly 15-35 for matching pairs",
-))
+    source="Hessel et al. 2021 (CLIPScore, arXiv 2104.08718); mlfoundations/open_clip",
+)

@@ -8,6 +8,7 @@ file and the builder options inside that folder, so ``build_reward(name, weights
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,8 +19,9 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
-from diffalign.errors import ConfigError, closest
+from diffalign.errors import ConfigError, ModelError, closest
 from diffalign.images import to_rgb
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -66,23 +68,21 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state dict from ``.safetensors`` or a torch file read with ``weights_only=True``.
 
     A ``{"state_dict": ...}`` wrapper (HPS, Lightning) is unwrapped and a DDP ``module.`` prefix stripped.
-    Files that need arbitrary unpickling (pickled modules, custom classes) raise ``ValueError``.
+    Files that need arbitrary unpickling (pickled modules, custom classes) raise ``ModelError``.
     """
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         checkpoint = load_file(str(path), device="cpu")
     else:
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
-            raise ValueError(f"{path}: not a plain state dict; refusing to unpickle arbitrary objects "
+            raise ModelError(f"{path}: not a plain state dict; refusing to unpickle arbitrary objects "
                              f"(torch.load weights_only=True said: {str(error).splitlines()[0]})") from error
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
         checkpoint = checkpoint["state_dict"]
     if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        raise ValueError(f"{path}: expected a dict of tensors (or {{'state_dict': ...}}), got {type(checkpoint)}")
+        raise ModelError(f"{path}: expected a dict of tensors (or {{'state_dict': ...}}), got {type(checkpoint)}")
     if all(key.startswith("module.") for key in checkpoint):
         checkpoint = {key[len("module."):]: value for key, value in checkpoint.items()}
     return checkpoint
@@ -102,7 +102,10 @@ def resolve_options(weights: str | os.PathLike | None, options: dict, defaults: 
     merged = dict(defaults)
     if weights is not None and (Path(weights) / REWARD_JSON).is_file():
         root = Path(weights)
-        spec = json.loads((root / REWARD_JSON).read_text())
+        try:
+            spec = json.loads((root / REWARD_JSON).read_text())
+        except json.JSONDecodeError as error:
+            raise ModelError(f"{root / REWARD_JSON} is not valid JSON: {error}") from error
 
         def resolve(value):
             if isinstance(value, str) and value and (root / value).exists():
@@ -117,7 +120,7 @@ def resolve_options(weights: str | os.PathLike | None, options: dict, defaults: 
 
 def ensure_open_clip_config(model_name: str, model_config: dict | None = None) -> None:
     """Register ``model_config`` (or the built-in tiny config) with open_clip under ``model_name``."""
-    import open_clip
+    import open_clip  # heavy (timm, torchvision): imported when a CLIP-based reward is built
 
     if model_config is None and model_name == TINY_OPEN_CLIP_NAME:
         model_config = TINY_OPEN_CLIP_CONFIG
@@ -130,7 +133,7 @@ def ensure_open_clip_config(model_name: str, model_config: dict | None = None) -
 
 def tag_config(model_name: str, pretrained: str | None) -> dict:
     """open_clip's record for a pretrained tag (hub id, mean/std, resize mode, ``quick_gelu``), {} if unknown."""
-    import open_clip
+    import open_clip  # heavy: see ensure_open_clip_config
 
     return dict(open_clip.get_pretrained_cfg(model_name, pretrained)) if pretrained else {}
 
@@ -146,7 +149,7 @@ def load_open_clip(model_name: str, pretrained: str | None, weights: str | None,
     config and weights from DIR, as open_clip does. Note: open_clip 3.x only *warns* when a QuickGELU tag is
     built without QuickGELU; ``quick_gelu=None`` follows the tag to avoid that silent mismatch.
     """
-    import open_clip
+    import open_clip  # heavy: see ensure_open_clip_config
 
     ensure_open_clip_config(model_name, model_config)
     if weights is not None and os.path.isdir(weights):
@@ -168,35 +171,53 @@ def load_open_clip(model_name: str, pretrained: str | None, weights: str | None,
         if tag_cfg:
             kwargs.update(image_mean=tag_cfg["mean"], image_std=tag_cfg["std"],
                           image_interpolation=tag_cfg["interpolation"], image_resize_mode=tag_cfg["resize_mode"])
-        quiet = _Quiet("initialized randomly")  # open_clip warns about the random init we overwrite next
-        logging.getLogger().addFilter(quiet)
-        try:
+        with quiet_open_clip("initialized randomly"):  # open_clip warns about the random init we overwrite next
             model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None, **kwargs)
-        finally:
-            logging.getLogger().removeFilter(quiet)
         load_into(model, load_state_dict_file(weights))
     model = model.eval().requires_grad_(False).to(device=device, dtype=dtype)
     return model, preprocess, open_clip.get_tokenizer(model_name)
 
 
-class _Quiet(logging.Filter):
+class _QuietOpenClip(logging.Filter):
+    """Drops open_clip's records that contain ``text``; every other record passes."""
+
     def __init__(self, text: str):
         super().__init__()
         self.text = text
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return self.text not in record.getMessage()
+        from_open_clip = f"{os.sep}open_clip{os.sep}" in record.pathname or record.name.startswith("open_clip")
+        return not (from_open_clip and self.text in record.getMessage())
+
+
+@contextlib.contextmanager
+def quiet_open_clip(text: str):
+    """Silence open_clip's messages containing ``text`` while the block runs.
+
+    open_clip (2.x and 3.x, ``factory.py``) logs through the module-level ``logging.warning``, i.e. on the root
+    logger, not on a logger of its own, so a filter on ``logging.getLogger("open_clip")`` would never see them.
+    The filter therefore sits on the root logger, for the block only, and drops only records emitted from
+    open_clip's files.
+    """
+    quiet, loggers = _QuietOpenClip(text), (logging.getLogger(), logging.getLogger("open_clip"))
+    for logger in loggers:
+        logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(quiet)
 
 
 def load_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
     """Strict load with open_clip's position-embedding resize; mismatches name the keys."""
-    from open_clip.model import resize_pos_embed
+    from open_clip.model import resize_pos_embed  # heavy: see ensure_open_clip_config
 
     state_dict = dict(state_dict)
     resize_pos_embed(state_dict, model)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
-        raise ValueError(f"checkpoint does not match the architecture: missing {missing[:5]} "
+        raise ModelError(f"checkpoint does not match the architecture: missing {missing[:5]} "
                          f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})")
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from diffalign.errors import ConfigError
+
 
 def per_prompt_zscores(scores: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     """(N,) scores -> (N,) z-scores computed within each prompt's images."""
@@ -32,10 +34,10 @@ def zscore_ensemble(scores: dict[str, torch.Tensor], prompts: list[str],
     weights = weights or {}
     unknown = set(weights) - set(scores)
     if unknown:
-        raise ValueError(f"weights given for rewards that were not scored: {sorted(unknown)}")
+        raise ConfigError(f"weights given for rewards that were not scored: {sorted(unknown)}")
     total = sum(weights.get(name, 1.0) for name in scores)
     if total <= 0:
-        raise ValueError("ensemble weights must sum to a positive number")
+        raise ConfigError("ensemble weights must sum to a positive number")
     combined = sum(weights.get(name, 1.0) * per_prompt_zscores(values, prompts) for name, values in scores.items())
     return combined / total
 

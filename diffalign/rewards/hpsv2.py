@@ -27,10 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from huggingface_hub import hf_hub_download
 from PIL import Image
 
 from diffalign.images import to_rgb
-from diffalign.rewards.base import RewardSpec, register_reward
+from diffalign.rewards.base import REWARDS, RewardSpec
 from diffalign.rewards.clip import OpenClipScore
 from diffalign.rewards.common import (
     OPENAI_MEAN,
@@ -81,8 +82,6 @@ def _builder(version: str):
     def build(weights=None, device=None, dtype=None, **options) -> HPSv2:
         weights, options = resolve_options(weights, options, defaults, version)
         if weights is None:
-            from huggingface_hub import hf_hub_download
-
             weights = hf_hub_download(options["hub_repo"], options["filename"])
         elif Path(weights).is_dir():  # a folder holding the hub file
             weights = str(Path(weights) / options["filename"])
@@ -100,11 +99,11 @@ def _builder(version: str):
 
 
 for _version, _title in (("hpsv2", "HPSv2.0"), ("hpsv21", "HPSv2.1")):
-    register_reward(RewardSpec(
-        name=_version,
-        builder=_builder(_version),
+    REWARDS.register(
+        _version,
+        RewardSpec(_builder(_version), backbone="open_clip ViT-H-14",
+                   weights_source=f"hub {HUB_REPO} / {FILES[_version]}",
+                   score_range="cosine, about 0.2-0.3 (benchmarks report x100); v2.0 and v2.1 are not comparable"),
         description=f"{_title}: cosine of HPS-tuned open_clip ViT-H-14 features, letterboxed input",
-        backbone="open_clip ViT-H-14",
-        weights_source=f"hub {HUB_REPO} / {FILES[_version]}",
-        score_range="cosine, about 0.2-0.3 (benchmarks report x100); v2.0 and v2.1 are not comparable",
-    ))
+        source="Wu et al. 2023 (HPSv2, arXiv 2306.09341); tgxs002/HPSv2",
+    )

@@ -15,10 +15,9 @@ Options: ``model_id`` (used when ``weights`` is None; ``weights`` = a local CLIP
 from __future__ import annotations
 
 import torch
-import transformers
 from PIL import Image
 
-from diffalign.rewards.base import RewardModel, RewardSpec, register_reward
+from diffalign.rewards.base import REWARDS, RewardModel, RewardSpec
 from diffalign.rewards.common import resolve_device, resolve_dtype, resolve_options, rgb_images
 
 MODEL_ID = "yuvalkirstain/PickScore_v1"
@@ -37,6 +36,7 @@ def pooled(output) -> torch.Tensor:
 
 
 def load_image_processor(path: str, backend: str = "pil"):
+    import transformers  # heavy (about 1 s): imported when a PickScore is built, so `diffalign --help` stays fast
     from transformers import AutoImageProcessor
 
     if int(transformers.__version__.split(".")[0]) >= 5:
@@ -84,7 +84,7 @@ class PickScore(RewardModel):
 
 def build_pickscore(weights=None, device=None, dtype=None, **options) -> PickScore:
     """Options: model_id, processor, processor_backend (see the module docstring)."""
-    from transformers import AutoTokenizer, CLIPModel
+    from transformers import AutoTokenizer, CLIPModel  # heavy: see load_image_processor
 
     weights, options = resolve_options(weights, options, DEFAULTS, "pickscore")
     device = resolve_device(device)
@@ -96,11 +96,11 @@ def build_pickscore(weights=None, device=None, dtype=None, **options) -> PickSco
     return PickScore(model, image_processor, tokenizer, device, dtype)
 
 
-register_reward(RewardSpec(
-    name="pickscore",
-    builder=build_pickscore,
+REWARDS.register(
+    "pickscore",
+    RewardSpec(build_pickscore, backbone="transformers CLIPModel (ViT-H-14)",
+               weights_source=f"hub {MODEL_ID}, processor {PROCESSOR_ID}",
+               score_range="logit scale (100) x cosine, about 18-23; softmax over candidates gives probabilities"),
     description="PickScore: exp(logit_scale) * cos(text, image) with the Pick-a-Pic-tuned CLIP-H",
-    backbone="transformers CLIPModel (ViT-H-14)",
-    weights_source=f"hub {MODEL_ID}, processor {PROCESSOR_ID}",
-    score_range="logit scale (100) x cosine, about 18-23; softmax over candidates gives probabilities",
-))
+    source="Kirstain et al. 2023 (Pick-a-Pic, arXiv 2305.01569); yuvalkirstain/PickScore",
+)

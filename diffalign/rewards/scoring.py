@@ -22,13 +22,18 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from diffalign.errors import ConfigError, DataError
 from diffalign.images import PILLOW_MAX_PIXELS, ImageTooLarge, load_image
+from diffalign.logs import get_logger
+from diffalign.rewards.ensemble import zscore_ensemble
 from diffalign.text import LineSkips, describe_value, json_problem, text_lines, text_problem
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 MAX_SIDE = 2048  # every scorer resizes to ~224 px; shrinking huge images first saves memory and time
 ENSEMBLE_LEFT_OUT = ("ensemble_z left out: it z-scores rewards within each prompt, and no prompt has two or more "
                      "scored images")
+
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -46,7 +51,7 @@ def image_files(images: str) -> list[Path]:
     else:
         files = sorted(Path(p) for p in glob.glob(images, recursive=True) if Path(p).suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise FileNotFoundError(f"no images found at {images}: give a folder or a glob such as 'out/*.png'")
+        raise DataError(f"no images found at {images}: give a folder or a glob such as 'out/*.png'")
     return files
 
 
@@ -80,22 +85,22 @@ def read_prompt_map(prompts: str | None, files: list[Path], images: str) -> dict
     """file -> prompt, from --prompts (txt or jsonl) or a samples.jsonl next to the images.
 
     A ``.txt`` is matched line by line to the sorted image files (blank lines ignored), so the counts must agree
-    (``ValueError`` otherwise). A ``.jsonl`` (or ``samples.jsonl``) maps each line's ``file_name`` (relative to the
+    (``DataError`` otherwise). A ``.jsonl`` (or ``samples.jsonl``) maps each line's ``file_name`` (relative to the
     jsonl's folder) to its ``prompt``. Lines are decoded strictly as UTF-8 (``diffalign.text.text_lines``). A line
     that gives no prompt (not UTF-8, a NUL byte, not a JSON object, no ``file_name``, a prompt that is not text or
     is blank) is left out of the map, so its image gets a row with an ``error`` and is not scored; in a ``.txt`` the
     bad line keeps its place, so the images after it keep their prompts. One printed line gives the counts per
-    reason and the first example. ``FileNotFoundError`` when there is no prompts file.
+    reason and the first example. ``DataError`` when there is no prompts file.
     """
     source = Path(prompts) if prompts else None
     if source is None:
         folder = Path(images) if Path(images).is_dir() else files[0].parent
         source = folder / "samples.jsonl" if (folder / "samples.jsonl").is_file() else None
         if source is None:
-            raise FileNotFoundError(f"no prompts: give --prompts FILE, or score a folder written by diffalign sample "
+            raise DataError(f"no prompts: give --prompts FILE, or score a folder written by diffalign sample "
                                     f"(it has samples.jsonl); {folder} has none")
     if not source.is_file():
-        raise FileNotFoundError(f"prompts file {source} not found")
+        raise DataError(f"prompts file {source} not found")
     skips, mapping = LineSkips(), {}
     if source.suffix == ".jsonl":
         for number, text, problem in text_lines(source):
@@ -134,12 +139,12 @@ def read_prompt_map(prompts: str | None, files: list[Path], images: str) -> dict
             elif line.text.strip():
                 lines.append(line.text)
         if len(lines) != len(files):
-            raise ValueError(f"{source} has {len(lines)} prompts for {len(files)} images; a text file is matched to "
+            raise DataError(f"{source} has {len(lines)} prompts for {len(files)} images; a text file is matched to "
                              "the sorted image files line by line, so the counts must agree (or use jsonl with "
                              "file_name)")
         result = {file: line for file, line in zip(files, lines) if line is not None}
     if summary := skips.summary(f"prompts from {source}", len(result)):
-        print(summary)
+        logger.info(summary)
     return result
 
 
@@ -177,7 +182,7 @@ def score_rows(rows: list[ScoreRow], rewards: dict, batch_size: int,
 
 def collect_rows(images: str, prompts: str | None, follow_symlinks: bool = False) -> list[ScoreRow]:
     """One row per image file; a file with no prompt, or (unless ``follow_symlinks``) a symlink resolving outside
-    the given folder, gets an ``error`` and is not scored. Raises FileNotFoundError / ValueError (see
+    the given folder, gets an ``error`` and is not scored. Raises ``DataError`` (see
     ``image_files`` and ``read_prompt_map``) when there is nothing to score or the prompts do not fit."""
     files = image_files(images)
     prompt_map = read_prompt_map(prompts, files, images)
@@ -191,8 +196,6 @@ def add_ensemble(rows: list[ScoreRow], names: list[str], weights: dict[str, floa
     """Add ``ensemble_z`` (weighted mean of per-prompt z-scores) to the scored rows of prompts with two or more
     scored images (the others are left empty), when there are several rewards and at least one such prompt. Without such a prompt every z-score would be 0,
     so the column is left out and the line saying why (``ENSEMBLE_LEFT_OUT``) is returned; else None."""
-    from diffalign.rewards.ensemble import zscore_ensemble
-
     scored = [row for row in rows if row.error is None and row.scores]
     if len(names) < 2 or not scored:
         return None
@@ -219,7 +222,7 @@ def write_rows(rows: list[ScoreRow], names: list[str], out: str | Path) -> Path:
             writer.writeheader()
             writer.writerows(records)
     else:
-        raise ValueError(f"--out must end in .csv or .jsonl, got {out}")
+        raise ConfigError(f"--out must end in .csv or .jsonl, got {out}")
     return out
 
 

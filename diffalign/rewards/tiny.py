@@ -1,7 +1,13 @@
 """Tiny random-weight reward models, saved in exactly the on-disk format the real loaders read.
 
-    folder = build_tiny_reward(tmp_path / "hps", "hpsv2")
-    reward = build_reward("hpsv2", weights=folder)          # reads folder/reward.json
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from PIL import Image
+    >>> from diffalign.rewards import build_reward
+    >>> folder = build_tiny_reward(Path(tempfile.mkdtemp()) / "hps", "hpsv2")
+    >>> reward = build_reward("hpsv2", weights=folder)          # reads folder/reward.json
+    >>> reward.score([Image.new("RGB", (32, 32))], ["a fox"]).shape
+    torch.Size([1])
 
 Each folder holds the weights plus ``reward.json`` = {"reward", "weights", "options"}: the builder options that
 load it (the tiny open_clip architecture name, local processor folder, ...), paths relative to the folder.
@@ -22,14 +28,23 @@ from pathlib import Path
 
 import torch
 
-from diffalign.rewards.common import OPENAI_MEAN, OPENAI_STD, TINY_OPEN_CLIP_NAME, ensure_open_clip_config
+from diffalign.errors import ConfigError
+from diffalign.offline.models import build_clip_tokenizer
+from diffalign.paths import build_atomically, cache_root
+from diffalign.rewards.aesthetic import FILENAME, AestheticMLP
+from diffalign.rewards.common import (
+    OPENAI_MEAN,
+    OPENAI_STD,
+    TINY_OPEN_CLIP_CONFIG,
+    TINY_OPEN_CLIP_NAME,
+    ensure_open_clip_config,
+)
 
 TINY_IMAGE_SIZE = 32
-TINY_REWARDS = ("clip", "hpsv2", "hpsv21", "aesthetic", "pickscore")
 
 
 def tiny_open_clip_state_dict(seed: int) -> dict[str, torch.Tensor]:
-    import open_clip
+    import open_clip  # heavy (timm, torchvision): imported only when a tiny reward is built
 
     ensure_open_clip_config(TINY_OPEN_CLIP_NAME)
     torch.manual_seed(seed)
@@ -50,9 +65,6 @@ def _hps(filename: str):
 
 
 def _aesthetic(out_dir: Path, seed: int) -> dict:
-    from diffalign.rewards.aesthetic import FILENAME, AestheticMLP
-    from diffalign.rewards.common import TINY_OPEN_CLIP_CONFIG
-
     torch.save(tiny_open_clip_state_dict(seed), out_dir / "clip_model.pt")
     torch.manual_seed(seed + 1)
     torch.save(AestheticMLP(TINY_OPEN_CLIP_CONFIG["embed_dim"]).state_dict(), out_dir / FILENAME)
@@ -61,9 +73,7 @@ def _aesthetic(out_dir: Path, seed: int) -> dict:
 
 
 def _pickscore(out_dir: Path, seed: int) -> dict:
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    from diffalign.tiny import build_clip_tokenizer
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor  # heavy, as open_clip
 
     text = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
@@ -85,13 +95,14 @@ def _pickscore(out_dir: Path, seed: int) -> dict:
 
 BUILDERS = {"clip": _clip, "hpsv2": _hps("HPS_v2_compressed.pt"), "hpsv21": _hps("HPS_v2.1_compressed.pt"),
             "aesthetic": _aesthetic, "pickscore": _pickscore}
+TINY_REWARDS = tuple(BUILDERS)  # the rewards with a tiny version (`diffalign tiny reward --reward`)
 
 
 def build_tiny_reward(out_dir: str | Path, reward: str, seed: int = 0) -> Path:
     """Write a tiny ``reward`` to ``out_dir`` with ``reward.json``; ``build_reward(reward, weights=out_dir)``
     loads it."""
     if reward not in BUILDERS:
-        raise ValueError(f"no tiny version of reward '{reward}'; available: {', '.join(BUILDERS)}")
+        raise ConfigError(f"no tiny version of reward '{reward}'; available: {', '.join(BUILDERS)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = BUILDERS[reward](out_dir, seed)
@@ -101,7 +112,5 @@ def build_tiny_reward(out_dir: str | Path, reward: str, seed: int = 0) -> Path:
 
 def tiny_reward_path(reward: str, seed: int = 0) -> Path:
     """The cached tiny ``reward`` under ``$DIFFALIGN_CACHE/tiny`` (built on first use, atomically)."""
-    from diffalign.tiny import build_atomically, cache_root
-
     target = cache_root() / "tiny" / f"reward-{reward}-seed{seed}"
     return build_atomically(target, lambda tmp: build_tiny_reward(tmp, reward, seed))

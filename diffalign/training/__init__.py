@@ -1,1 +1,3 @@
-"""Training: the loop, LoRA handling, optimizers, checkpoints, validation images and model cards."""
+"""Training: the loop (``trainer``) and its setup phases (``setup``), the step procedures objectives plug into
+(``steps``), reference models, LoRA handling, optimizers, non-finite guards, checkpoints, validation images,
+run outputs and model cards."""

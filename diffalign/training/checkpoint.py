@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import DistributedType
 from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
@@ -263,8 +264,6 @@ def run_settings(cfg, reference: str) -> dict:
 
 
 def sharded_optimizer(accelerator) -> bool:
-    from accelerate.utils import DistributedType
-
     return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 

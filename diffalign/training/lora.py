@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 from pathlib import Path
 
 import torch
+from diffusers.utils import convert_state_dict_to_kohya, convert_unet_state_dict_to_peft
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from diffalign.errors import ConfigError, ModelError
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
@@ -14,8 +22,6 @@ KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
 
 def attach_lora(denoiser: torch.nn.Module, lora_cfg, default_targets) -> None:
     """Add a trainable peft LoRA adapter named "default" and freeze everything else."""
-    from peft import LoraConfig
-
     denoiser.requires_grad_(False)
     config = LoraConfig(
         r=lora_cfg.rank,
@@ -26,7 +32,7 @@ def attach_lora(denoiser: torch.nn.Module, lora_cfg, default_targets) -> None:
     )
     denoiser.add_adapter(config)
     if not any(p.requires_grad for p in denoiser.parameters()):
-        raise ValueError(f"lora.target_modules={lora_cfg.target_modules} matched no module of the denoiser")
+        raise ConfigError(f"lora.target_modules={lora_cfg.target_modules} matched no module of the denoiser")
 
 
 @contextlib.contextmanager
@@ -43,14 +49,13 @@ def adapters_disabled(model: torch.nn.Module):
 
 
 def peft_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    from peft.utils import get_peft_model_state_dict
-
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in get_peft_model_state_dict(model).items()}
 
 
 def adapter_metadata(model: torch.nn.Module) -> dict:
-    """The peft config as a dict; saved next to the weights so lora_alpha survives a reload (FACTS: without it,
-    alpha silently falls back to the rank)."""
+    """The peft config as a dict, saved next to the weights (``save_lora_weights(...,
+    unet_lora_adapter_metadata=...)``) so lora_alpha survives a reload: without it, diffusers' ``load_lora_weights``
+    silently takes alpha = rank, and the outputs differ whenever alpha != rank."""
     return model.peft_config["default"].to_dict()
 
 
@@ -74,12 +79,10 @@ def save_lora(family, model: torch.nn.Module, directory: str | Path) -> Path:
 
 
 def load_lora_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    from peft.utils import set_peft_model_state_dict
-
     result = set_peft_model_state_dict(model, state)
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
-        raise ValueError(f"LoRA state has keys the model does not: {unexpected[:3]}")
+        raise ModelError(f"LoRA state has keys the model does not: {unexpected[:3]}")
 
 
 def export_kohya(run_dir: str | Path, out_path: str | Path | None = None, prefix: str = "unet") -> Path:
@@ -88,14 +91,10 @@ def export_kohya(run_dir: str | Path, out_path: str | Path | None = None, prefix
     diffusers' converter writes each module's ``.alpha`` as the rank; we write the real alpha from the saved
     adapter metadata, so a LoRA trained with alpha != rank keeps its strength in other tools.
     """
-    from diffusers.utils import convert_state_dict_to_kohya, convert_unet_state_dict_to_peft
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     run_dir = Path(run_dir)
     source = run_dir / LORA_WEIGHT_NAME if run_dir.is_dir() else run_dir
     if not source.is_file():
-        raise FileNotFoundError(f"no {LORA_WEIGHT_NAME} in {run_dir}; give a finished run folder or checkpoint")
+        raise ModelError(f"no {LORA_WEIGHT_NAME} in {run_dir}; give a finished run folder or checkpoint")
     with safe_open(str(source), framework="pt") as handle:
         header = handle.metadata() or {}
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}
@@ -103,7 +102,7 @@ def export_kohya(run_dir: str | Path, out_path: str | Path | None = None, prefix
     unet_tensors = {k.removeprefix(f"{prefix}."): v for k, v in tensors.items() if k.startswith(f"{prefix}.")}
     if not unet_tensors:
         adapted = sorted({key.split(".", 1)[0] for key in tensors})
-        raise ValueError(f"{source} holds no '{prefix}.*' LoRA weights (it adapts: {', '.join(adapted)}). The kohya "
+        raise ModelError(f"{source} holds no '{prefix}.*' LoRA weights (it adapts: {', '.join(adapted)}). The kohya "
                          "export converts UNet LoRAs (SD1.x/2.x, SDXL); an SD3 transformer LoRA stays in the diffusers "
                          "format: load it with pipe.load_lora_weights")
     peft_state = {f"{prefix}.{k}": v for k, v in convert_unet_state_dict_to_peft(unet_tensors).items()}
@@ -118,8 +117,6 @@ def export_kohya(run_dir: str | Path, out_path: str | Path | None = None, prefix
 
 def _alpha_from_metadata(header: dict) -> float | None:
     """diffusers stores the peft config flat as JSON under "lora_adapter_metadata": {"unet.lora_alpha": 8, ...}."""
-    import json
-
     data = json.loads(header.get("lora_adapter_metadata", "{}"))
     alphas = [value for key, value in data.items() if key == "lora_alpha" or key.endswith(".lora_alpha")]
     return float(alphas[0]) if alphas else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from diffusers.optimization import get_scheduler
 
 from diffalign.errors import ConfigError
 
@@ -15,7 +16,7 @@ def build_optimizer(params, train_cfg, learning_rate: float) -> torch.optim.Opti
         eps=train_cfg.adam_epsilon,
     )
     if train_cfg.use_8bit_adam:
-        try:
+        try:  # optional (diffalign[bitsandbytes]), imported only when asked for
             import bitsandbytes as bnb
         except ImportError as error:
             raise ConfigError("train.use_8bit_adam=true needs bitsandbytes: pip install 'diffalign[bitsandbytes]'") from error
@@ -32,8 +33,6 @@ def effective_learning_rate(train_cfg, num_processes: int) -> float:
 
 
 def build_lr_scheduler(optimizer, train_cfg, num_processes: int):
-    from diffusers.optimization import get_scheduler
-
     # accelerate steps a prepared scheduler once per process per optimizer step, hence the factor.
     try:
         return get_scheduler(

@@ -17,10 +17,28 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from typing import Protocol
 
 import torch
 
+from diffalign.training.ema import ExponentialMovingAverage
 from diffalign.training.lora import adapters_disabled
+
+
+class Reference(Protocol):
+    """What the trainer and the step procedures use of a reference strategy.
+
+    ``model_for_pass(policy)`` is a context manager giving something called like the denoiser
+    (``family.predict(reference_model, ...)``), to run under ``torch.no_grad``; ``update(policy, step)`` runs after
+    every applied optimizer step (``step`` counts them from 1). Strategies with state of their own (the EMAs) also
+    have ``state_dict()`` / ``load_state_dict(state)``, saved in checkpoints as ``ema_reference.safetensors``.
+    """
+
+    name: str
+
+    def model_for_pass(self, policy): ...
+
+    def update(self, policy, step: int) -> None: ...
 
 
 def unwrap(model):
@@ -70,6 +88,7 @@ class EmaReference(FrozenCopyReference):
         # fp32 whatever the mixed precision: in bf16 a 0.999-decay update of slowly moving weights rounds away
         super().__init__(denoiser, device, torch.float32, offload)
         self.decay, self.every, self.compute_dtype = decay, every, dtype
+        self.ema = ExponentialMovingAverage(dict(self.model.named_parameters()))  # the copy's own parameters
 
     @contextlib.contextmanager
     def model_for_pass(self, policy):
@@ -81,12 +100,10 @@ class EmaReference(FrozenCopyReference):
     def update(self, policy, step: int) -> None:
         if step % self.every:
             return
-        policy_params = dict(unwrap(policy).named_parameters())
-        for name, param in self.model.named_parameters():
-            source = policy_params[name].detach().to(param.device, param.dtype)
-            param.lerp_(source, 1.0 - self.decay)
+        self.ema.update(dict(unwrap(policy).named_parameters()), self.decay)
 
     def state_dict(self) -> dict:
+        """The copy's whole state by name (its buffers too, e.g. SD3's positional embedding)."""
         return {k: v.cpu() for k, v in self.model.state_dict().items()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -100,7 +117,8 @@ class LoraEmaReference:
 
     def __init__(self, denoiser, decay: float, every: int):
         self.decay, self.every = decay, every
-        self.shadow = {n: p.detach().clone() for n, p in self.trainable(denoiser).items()}
+        self.ema = ExponentialMovingAverage({n: p.detach().clone() for n, p in self.trainable(denoiser).items()})
+        self.shadow = self.ema.shadow  # name -> tensor: what the reference pass swaps into the adapter
 
     @staticmethod
     def trainable(model) -> dict[str, torch.nn.Parameter]:
@@ -125,18 +143,16 @@ class LoraEmaReference:
     def update(self, policy, step: int) -> None:
         if step % self.every:
             return
-        for name, param in self.trainable(policy).items():
-            self.shadow[name].lerp_(param.detach(), 1.0 - self.decay)
+        self.ema.update(self.trainable(policy), self.decay)
 
     def state_dict(self) -> dict:
-        return {k: v.cpu() for k, v in self.shadow.items()}
+        return self.ema.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        for name, value in state.items():
-            self.shadow[name].copy_(value)
+        self.ema.load_state_dict(state)
 
 
-def build_reference(strategy: str, objective_cfg, lora_enabled: bool, denoiser, device, dtype):
+def build_reference(strategy: str, objective_cfg, lora_enabled: bool, denoiser, device, dtype) -> Reference | None:
     """The reference for ``strategy`` (already validated by the config); None for ``none``.
 
     Call before training starts: ``frozen_copy`` and ``ema`` copy the weights as they are now.
@@ -155,4 +171,4 @@ def build_reference(strategy: str, objective_cfg, lora_enabled: bool, denoiser, 
             return LoraEmaReference(denoiser, objective_cfg.ema_decay, objective_cfg.ema_update_every)
         return EmaReference(denoiser, device, dtype, objective_cfg.reference_offload, objective_cfg.ema_decay,
                             objective_cfg.ema_update_every)
-    raise ValueError(f"unknown reference strategy {strategy!r}")
+    raise RuntimeError(f"unknown reference strategy {strategy!r}: resolve_reference validates objective.reference")

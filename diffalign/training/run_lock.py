@@ -30,7 +30,9 @@ from pathlib import Path
 import torch
 
 from diffalign.errors import ConfigError
+from diffalign.logs import get_logger
 
+logger = get_logger(__name__)
 LOCK_NAME = ".diffalign.lock"
 _HELD: dict[Path, int] = {}  # lock path -> the open descriptor carrying this process's flock
 
@@ -113,7 +115,7 @@ def lock_output_dir(accelerator, output_dir: Path) -> Path | None:
         try:
             lock, note = acquire_run_lock(output_dir)
             if note:
-                accelerator.print(note)
+                logger.info(note)
         except ConfigError as caught:
             error = caught
     refused = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), reduction="sum")

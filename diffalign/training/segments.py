@@ -12,8 +12,12 @@ import copy
 import dataclasses
 from pathlib import Path
 
+from accelerate import PartialState
+
 from diffalign.config import Config, DataConfig, save_config
 from diffalign.config_io import dataclass_from_dict, deep_merge
+from diffalign.guidance.segments import Segment, write_segments
+from diffalign.training.trainer import TrainResult, train
 
 
 def segment_config(cfg: Config, index: int) -> Config:
@@ -29,13 +33,8 @@ def segment_config(cfg: Config, index: int) -> Config:
     return single
 
 
-def train_segments(cfg: Config):
+def train_segments(cfg: Config) -> list[TrainResult]:
     """Train every segment in turn and write ``<output_dir>/segments.yaml``; returns the per-segment results."""
-    from accelerate import PartialState
-
-    from diffalign.guidance.segments import Segment, write_segments
-    from diffalign.training.trainer import train
-
     results = [train(segment_config(cfg, index)) for index in range(len(cfg.segments))]
     output_dir = Path(cfg.train.output_dir)
     if PartialState().is_main_process:

@@ -1,7 +1,9 @@
 """The Self-NPO training step (``objective.name=self_npo``); the algorithm is in ``diffalign.objectives.self_npo``.
 
-    output = self_npo_step(family=..., components=..., model=student, reference=ema_teacher, latents=...,
-                           cond=..., empty_cond=..., generator=..., device=..., params=SelfNPOParams())
+``self_npo_step`` takes keyword arguments family, components, model (the student), reference (the EMA teacher),
+latents, cond, empty_cond, generator, device and params (``SelfNPOParams``) and returns an ``ObjectiveOutput``.
+Registered as the step procedure ``"self_npo"`` in ``diffalign.training.steps.STEPS`` (it needs the empty
+prompt's conditioning for guidance); the trainer calls it through ``StepContext`` like any other step.
 
 Every random draw (grid index, noise, t', re-noise) comes from ``generator`` (CPU) in a fixed order, so a resumed
 run draws exactly what an uninterrupted one would have. The schedule arithmetic runs in float32; the networks see
@@ -15,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from diffalign.objectives.base import ObjectiveOutput
+from diffalign.errors import ConfigError
+from diffalign.objectives.base import ObjectiveInputError, ObjectiveOutput
 from diffalign.objectives.self_npo import (
     SelfNPOParams,
     ddim_step,
@@ -23,7 +26,8 @@ from diffalign.objectives.self_npo import (
     pseudo_huber,
     renoise_variance_exploding,
 )
-from diffalign.training.step import expand_cond
+from diffalign.training.step import expand_cond, image_major
+from diffalign.training.steps import STEPS, StepContext, StepProcedure
 
 
 @dataclass
@@ -39,7 +43,7 @@ class TeacherTargets:
 def ddim_grid(num_train_timesteps: int, grid_steps: int) -> tuple[torch.Tensor, int]:
     """The teacher's DDIM timesteps (stride - 1, 2 stride - 1, ..., grid_steps * stride - 1) and the stride."""
     if grid_steps > num_train_timesteps:
-        raise ValueError(f"objective.self_npo.grid_steps={grid_steps} exceeds the {num_train_timesteps} training "
+        raise ConfigError(f"objective.self_npo.grid_steps={grid_steps} exceeds the {num_train_timesteps} training "
                          "timesteps of the model")
     stride = num_train_timesteps // grid_steps
     return torch.arange(1, grid_steps + 1) * stride - 1, stride
@@ -98,12 +102,12 @@ def self_npo_step(*, family, components, model, reference, latents: torch.Tensor
     teacher's x0 at t_e. The teacher is ``reference.model_for_pass(model)`` (the EMA), run under no_grad; the
     student forward through ``model`` (possibly DDP-wrapped) is the only one with gradients."""
     if reference is None:
-        raise ValueError("objective self_npo needs a teacher: objective.reference must be ema (the default), "
-                         "lora_disabled or frozen_copy, not none")
+        raise ObjectiveInputError("objective self_npo needs a teacher: objective.reference must be ema (the "
+                                  "default), lora_disabled or frozen_copy, not none")
     if empty_cond is None:
-        raise ValueError("objective self_npo needs the empty-prompt conditioning (empty_cond) for guidance")
-    batch, k = latents.shape[:2]
-    x0 = latents.transpose(0, 1).reshape(k * batch, *latents.shape[2:])  # as denoising_errors orders them
+        raise ObjectiveInputError("objective self_npo needs the empty-prompt conditioning (empty_cond) for guidance")
+    k = latents.shape[1]
+    x0 = image_major(latents)  # as denoising_errors orders them
     per_image_keys = family.per_image_cond_keys
     cond = expand_cond(cond, k, per_image_keys)
     count = x0.shape[0]
@@ -136,3 +140,16 @@ def self_npo_step(*, family, components, model, reference, latents: torch.Tensor
         "target_mse_to_x0": ((teach.target - x0.float()) ** 2).mean(),  # how far the teacher pulls from the data
     }
     return ObjectiveOutput(loss=loss, metrics=metrics)
+
+
+def run_self_npo_step(context: StepContext) -> ObjectiveOutput:
+    """The ``"self_npo"`` step procedure: ``self_npo_step`` on the context's batch."""
+    return self_npo_step(family=context.family, components=context.components, model=context.model,
+                         reference=context.reference, latents=context.latents, cond=context.cond,
+                         empty_cond=context.empty_cond, generator=context.generator, device=context.device,
+                         params=context.params)
+
+
+STEPS.register("self_npo", StepProcedure(run_self_npo_step, needs_empty_cond=True),
+               description="Self-NPO: the EMA teacher's guided DDIM steps, re-noising, pseudo-Huber loss in x0 space",
+               source="G-U-N/Diffusion-NPO (Self-NPO/train.py, train_xl.py)")

@@ -17,6 +17,12 @@ def per_sample_errors(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((pred.float() - target.float()) ** 2).mean(dim=tuple(range(1, pred.ndim)))
 
 
+def image_major(tensor: torch.Tensor) -> torch.Tensor:
+    """(B, K, ...) -> (K*B, ...) in [image 0 of every record; image 1 of every record; ...] order: for pairs,
+    winners then losers. ``.view(k, batch).T`` on a (K*B,) result goes back to (B, K)."""
+    return tensor.transpose(0, 1).reshape(tensor.shape[0] * tensor.shape[1], *tensor.shape[2:])
+
+
 def expand_cond(cond: dict[str, torch.Tensor], k: int, per_image_keys=()) -> dict[str, torch.Tensor]:
     """Conditioning for the K*B latents in [image 0 of every record; image 1 of every record; ...] order.
 
@@ -37,19 +43,29 @@ class StepErrors:
 
 def denoising_errors(family, components, model, latents, cond, generator, device, reference=None,
                      timestep_cfg=None, with_residuals: bool = False) -> StepErrors:
-    """Policy (and reference) errors, shape (B, K), for latents (B, K, C, h, w) and per-record conditioning
-    (plus the family's per-image entries, (B, K, ...), see ``expand_cond``).
+    """Per-sample denoising errors of the policy (and the reference) on one shared noisy input per record.
 
-    Each record's K images share one noise draw and one timestep. ``reference`` is a strategy from
-    ``training.reference`` (None: no reference pass). Per-timestep weights (``train.timesteps.weighting``)
-    multiply both the policy and the reference errors.
+    Each record's K images share one noise draw and one timestep (drawn from ``generator`` in that order).
+    Per-timestep weights (``train.timesteps.weighting``) multiply both the policy and the reference errors.
+
+    Args:
+        family, components: the model family and its loaded parts.
+        model: the policy denoiser (possibly DDP-wrapped); its forward is the one with gradients.
+        latents: (B, K, C, h, w).
+        cond: per-record conditioning (B, ...) plus the family's per-image entries (B, K, ...) (``expand_cond``).
+        generator: CPU generator for the noise and the timesteps.
+        reference: a strategy from ``training.reference``; None runs no reference pass.
+        timestep_cfg: ``train.timesteps`` (interval, density, weighting); None: the family's defaults.
+        with_residuals: also return the detached residuals pred - target.
+
+    Returns:
+        ``StepErrors``: policy (B, K), reference (B, K) or None, residuals (B, K, C, h, w) or None,
+        timesteps (B,).
     """
     batch, k = latents.shape[:2]
     noise = torch.randn((batch, 1, *latents.shape[2:]), generator=generator).to(device).expand_as(latents)
     timesteps = family.sample_timesteps(components, batch, generator, timestep_cfg).to(device)
-    # [image 0 of every record; image 1 of every record; ...]: for pairs, winners then losers.
-    x0 = latents.transpose(0, 1).reshape(k * batch, *latents.shape[2:])
-    eps = noise.transpose(0, 1).reshape(k * batch, *latents.shape[2:])
+    x0, eps = image_major(latents), image_major(noise)
     t = timesteps.repeat(k)
     per_image_keys = family.per_image_cond_keys
     cond = expand_cond(cond, k, per_image_keys)

@@ -4,28 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
-
-def image_grid(images: list[Image.Image], columns: int, labels: list[str] | None = None) -> Image.Image:
-    """Tile equally sized images in rows of ``columns``, with an optional caption strip above each row.
-    Images under 128 px (tiny models) are enlarged so the grid is readable."""
-    if images[0].width < 128:
-        factor = -(-128 // images[0].width)
-        images = [im.resize((im.width * factor, im.height * factor), Image.NEAREST) for im in images]
-    width, height = images[0].size
-    rows = (len(images) + columns - 1) // columns
-    label_height = 14 if labels else 0
-    grid = Image.new("RGB", (columns * width, rows * (height + label_height)), "white")
-    draw = ImageDraw.Draw(grid)
-    for i, image in enumerate(images):
-        row, col = divmod(i, columns)
-        top = row * (height + label_height)
-        grid.paste(image, (col * width, top + label_height))
-        if labels and col == 0:
-            draw.text((2, top + 1), labels[row][: columns * width // 6], fill="black")
-    return grid
+from diffalign.images import labelled_grid
+from diffalign.training.metrics import tracker_or_none
 
 
 @torch.no_grad()
@@ -33,7 +17,7 @@ def render_validation(components, denoiser, log_cfg, device, path: Path) -> Imag
     """One row per prompt, one column per seed."""
     pipeline = components.family.build_pipeline(components, denoiser)
     pipeline.set_progress_bar_config(disable=True)
-    images = []
+    rows = []
     was_training = denoiser.training
     denoiser.eval()
     try:
@@ -47,10 +31,24 @@ def render_validation(components, denoiser, log_cfg, device, path: Path) -> Imag
                 width=components.resolution,
                 generator=[torch.Generator(device="cpu").manual_seed(seed) for seed in seeds],
             )
-            images.extend(result.images)
+            rows.append(result.images)
     finally:
         denoiser.train(was_training)
-    grid = image_grid(images, columns=len(log_cfg.validation_seeds), labels=list(log_cfg.validation_prompts))
+    grid = labelled_grid(rows, row_labels=list(log_cfg.validation_prompts))
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
     return grid
+
+
+def log_validation(accelerator, components, model, cfg, step: int, output_dir: Path) -> None:
+    """The main process renders ``samples/step-<step>.png`` and sends it to tensorboard when in use."""
+    if not accelerator.is_main_process:
+        return
+    path = output_dir / "samples" / f"step-{step}.png"
+    # Under mixed precision the pipeline's parts differ in dtype (bf16 denoiser and text encoders, an fp32 VAE
+    # for SDXL and SD3): autocast lets them meet, as in training.
+    with accelerator.autocast():
+        grid = render_validation(components, model, cfg.log, accelerator.device, path)
+    tracker = tracker_or_none(accelerator, "tensorboard")
+    if tracker is not None:
+        tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")

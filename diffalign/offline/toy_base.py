@@ -5,7 +5,8 @@ base is trained on CPU from a seed, in a few minutes, on 32x32 images of a squar
 or blue with a 50/50 split and prompts that never name the colour ("a circle"). The trained model draws both
 colours for one prompt, so a reward that prefers red (``toy_redness``) has something to align.
 
-    path = resolve_model_spec("tiny:toy")     # built on first use, cached under $DIFFALIGN_CACHE/tiny/
+    path = resolve_model_spec("tiny:toy")     # diffalign.offline.specs: built on first use, cached under
+                                              # $DIFFALIGN_CACHE/tiny/toy-<TOY_VERSION>-seed<seed>
 
 Both parts are trained, because a random VAE decodes colours with no signal:
 - VAE: ``AutoencoderKL`` (3 blocks, factor 4, 8x8x4 latents), MSE + 1e-4 KL; its scaling factor is set from the
@@ -26,18 +27,27 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from diffalign.tiny import (
-    SHAPES,
+from diffalign.logs import get_logger
+from diffalign.offline.data import SHAPES, draw_shape
+from diffalign.offline.models import (
     TINY_RESOLUTION,
     build_clip_tokenizer,
-    draw_shape,
-    redness,
     sd15_scheduler_config,
+    tiny_text_encoder,
+    tiny_unet,
 )
+from diffalign.rewards.toy import redness
+from diffalign.training.ema import ExponentialMovingAverage
+
+# diffusers is imported in the functions that build and train: its model and pipeline classes take seconds to
+# import, and this module is imported whenever the tiny specs are (the CLI's choices, ``diffalign list``).
+
+logger = get_logger(__name__)
 
 TOY_VERSION = "v2"  # bump when the recipe changes, so stale caches are not reused
 TOY_COLOURS = ("red", "blue")
@@ -50,6 +60,8 @@ def toy_prompts() -> list[str]:
 
 @dataclass
 class ToyBaseSettings:
+    """The toy base's recipe (``TOY_VERSION`` names it): data size, steps, batch sizes and learning rates."""
+
     seed: int = 0
     num_images: int = 6144
     vae_steps: int = 300
@@ -79,13 +91,13 @@ def toy_images(count: int, seed: int) -> tuple[list, list[str], list[str]]:
 
 
 def to_tensor(images) -> torch.Tensor:
-    import numpy as np
-
+    """PIL RGB images -> (N, 3, H, W) float32 in [-1, 1]."""
     array = np.stack([np.asarray(image, dtype=np.float32) for image in images])
     return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
 def toy_vae(settings: ToyBaseSettings):
+    """The toy VAE, untrained: ``AutoencoderKL`` with ``settings.vae_channels`` blocks (factor 4, 8x8x4 latents)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(settings.seed + 1)
@@ -103,13 +115,13 @@ def toy_vae(settings: ToyBaseSettings):
 
 
 def toy_unet(settings: ToyBaseSettings):
-    from diffalign.tiny_models import tiny_unet
-
+    """The toy UNet, untrained: the tiny 2-block UNet, cross-attending to ``settings.text_hidden_size`` features."""
     # (attention_head_dim is diffusers' legacy name for the number of heads: 2 train ~20% faster than 8 here)
     return tiny_unet(settings.seed + 2, settings.text_hidden_size, attention_head_dim=2)
 
 
 def train_vae(vae, pixels: torch.Tensor, settings: ToyBaseSettings, log: dict) -> None:
+    """Train ``vae`` in place on ``pixels`` (N, 3, H, W): MSE + 1e-4 KL; records the final MSE in ``log``."""
     generator = torch.Generator().manual_seed(settings.seed + 3)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.vae_learning_rate, weight_decay=0.0)
     vae.train()
@@ -132,11 +144,13 @@ def train_vae(vae, pixels: torch.Tensor, settings: ToyBaseSettings, log: dict) -
 
 @torch.no_grad()
 def encode_latents(vae, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Posterior means (N, 4, h, w) of ``pixels`` (N, 3, H, W), unscaled."""
     return torch.cat([vae.encode(pixels[i : i + batch_size]).latent_dist.mean for i in range(0, len(pixels), batch_size)])
 
 
 @torch.no_grad()
 def embed_prompts(text_encoder, tokenizer, prompts: list[str]) -> torch.Tensor:
+    """Text encoder hidden states (len(prompts), 77, hidden) of the padded prompts."""
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
     return text_encoder(ids)[0]
@@ -155,6 +169,7 @@ def train_unet(unet, latents: torch.Tensor, prompt_ids: torch.Tensor, embeddings
     optimizer = torch.optim.AdamW(unet.parameters(), lr=settings.unet_learning_rate, weight_decay=1e-2)
     lr_schedule = get_cosine_schedule_with_warmup(optimizer, 50, settings.unet_steps)
     ema = copy.deepcopy(unet).requires_grad_(False)
+    average = ExponentialMovingAverage(dict(ema.named_parameters()))  # updates the copy's parameters in place
     unet.train()
     empty_row = len(embeddings) - 1
     with tqdm(range(settings.unet_steps), desc="toy UNet", disable=None) as bar:
@@ -172,10 +187,8 @@ def train_unet(unet, latents: torch.Tensor, prompt_ids: torch.Tensor, embeddings
             loss.backward()
             optimizer.step()
             lr_schedule.step()
-            decay = min(settings.unet_ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for ema_param, param in zip(ema.parameters(), unet.parameters()):
-                    ema_param.lerp_(param, 1 - decay)
+            # the decay warms up as (1 + step) / (10 + step), as diffusers' EMAModel does, up to unet_ema_decay
+            average.update(dict(unet.named_parameters()), min(settings.unet_ema_decay, (1 + step) / (10 + step)))
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
     log["unet_final_loss"] = loss.item()
@@ -197,8 +210,6 @@ def build_toy_base(out_dir: str | Path, seed: int = 0, settings: ToyBaseSettings
     """Pre-train the toy VAE and UNet from ``seed`` and save a StableDiffusionPipeline folder to ``out_dir``."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from diffalign.tiny import tiny_text_encoder
-
     settings = settings or ToyBaseSettings(seed=seed)
     torch.manual_seed(settings.seed)
     log: dict = {"settings": asdict(settings), "version": TOY_VERSION}
@@ -218,7 +229,7 @@ def build_toy_base(out_dir: str | Path, seed: int = 0, settings: ToyBaseSettings
     vae.register_to_config(scaling_factor=scaling_factor)
     log["scaling_factor"] = scaling_factor
     log["vae_seconds"] = round(time.time() - started, 1)
-    print(f"toy VAE: {log['vae_seconds']} s, mse {log['vae_final_mse']:.4f}, colour kept {log['vae_colour_kept']:.2f}", flush=True)
+    logger.info(f"toy VAE: {log['vae_seconds']} s, mse {log['vae_final_mse']:.4f}, colour kept {log['vae_colour_kept']:.2f}")
 
     tokenizer = build_clip_tokenizer()
     text_encoder = tiny_text_encoder(settings.seed, hidden_size=settings.text_hidden_size).eval()

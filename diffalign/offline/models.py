@@ -1,15 +1,26 @@
-"""Offline tiny diffusers models with random weights, one builder per family (``tiny:<family>``).
+"""Offline tiny diffusers models with random weights, one builder per checkpoint they imitate.
 
-Each builder saves a real ``save_pretrained`` folder of the family's stock pipeline, so tests and demos load it
-through the same ``from_pretrained`` code as a hub checkpoint. ``diffalign.tiny`` re-exports these names.
+Each builder saves a real ``save_pretrained`` folder of the stock pipeline, so tests and demos load it through the
+same ``from_pretrained`` code as a hub checkpoint:
+
+- ``build_tiny_sd15``: SD1.5's shape (family ``sd``): epsilon prediction, a quick-GELU CLIP text encoder;
+- ``build_tiny_sd2v``: SD2.x 768-v's shape (family ``sd``): v-prediction, linear-projection attention;
+- ``build_tiny_sdxl``: SDXL's shape (family ``sdxl``): two CLIP text encoders, ``text_time`` conditioning;
+- ``build_tiny_sd3``: SD3's shape (family ``sd3``): an MMDiT, flow matching, two CLIP encoders and T5.
+
+``diffalign.offline.specs`` registers them in ``TINY_MODELS`` (``tiny:sd15`` ...), built on first use and cached.
 """
 
 from __future__ import annotations
 
 import gzip
+import string
 from pathlib import Path
 
 import torch
+
+# diffusers, transformers and open_clip are imported in the builders: their model classes take seconds to import,
+# and the registry of tiny models (the CLI's choices, ``diffalign list``) stays quick to import.
 
 TINY_RESOLUTION = 32
 
@@ -18,7 +29,7 @@ TINY_RESOLUTION = 32
 def build_clip_tokenizer(out_dir: str | Path | None = None):
     """A transformers CLIPTokenizer with the real 49,408-token CLIP vocabulary, derived from the BPE file that
     open_clip ships (so it needs no download). Saved to ``out_dir`` when given."""
-    import open_clip
+    import open_clip  # heavy: only the tokenizer builders need it
     from open_clip.tokenizer import bytes_to_unicode
     from transformers import CLIPTokenizer
 
@@ -60,6 +71,8 @@ def tiny_text_encoder(seed: int, hidden_size: int = 32, hidden_act: str = "quick
 
 
 def tiny_vae(seed: int, **overrides):
+    """A 3-block ``AutoencoderKL`` (factor 4: 8x8 latents at 32 px) with SD's scaling factor; ``overrides`` change
+    its config (SD3's 16 latent channels, shift and scaling factors)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -82,8 +95,6 @@ def tiny_vae(seed: int, **overrides):
 def build_t5_tokenizer(out_dir: str | Path | None = None):
     """A T5 tokenizer (SentencePiece-style Unigram: <pad>=0, </s>=1, <unk>=2) over single characters, built
     offline; real T5's 32k-piece vocabulary needs a download. Appends </s> like T5."""
-    import string
-
     from transformers import T5TokenizerFast
 
     characters = string.ascii_letters + string.digits + string.punctuation
@@ -96,6 +107,7 @@ def build_t5_tokenizer(out_dir: str | Path | None = None):
 
 
 def tiny_t5_encoder(seed: int, vocab_size: int, d_model: int = 64):
+    """A 2-layer ``T5EncoderModel`` (gated-GELU, as T5 v1.1 in SD3) of width ``d_model``."""
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
@@ -105,7 +117,7 @@ def tiny_t5_encoder(seed: int, vocab_size: int, d_model: int = 64):
 
 
 def tiny_unet(seed: int, cross_attention_dim: int = 32, **overrides):
-    """The tiny 2-block UNet every tiny family starts from (8x8 latents); ``overrides`` give each its shape."""
+    """The tiny 2-block UNet every tiny UNet model starts from (8x8 latents); ``overrides`` give each its shape."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -122,10 +134,6 @@ def tiny_unet(seed: int, cross_attention_dim: int = 32, **overrides):
         norm_num_groups=32,
     )
     return UNet2DConditionModel(**{**config, **overrides})
-
-
-def tiny_sd15_unet(seed: int, cross_attention_dim: int = 32):
-    return tiny_unet(seed, cross_attention_dim)
 
 
 def sd15_scheduler_config() -> dict:
@@ -253,7 +261,3 @@ def build_tiny_sd3(out_dir: str | Path, seed: int = 0, with_t5: bool = True) -> 
     )
     pipe.save_pretrained(str(out_dir))
     return Path(out_dir)
-
-
-MODEL_BUILDERS = {"sd15": build_tiny_sd15, "sd2v": build_tiny_sd2v, "sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3}
-TINY_FAMILIES = tuple(MODEL_BUILDERS)

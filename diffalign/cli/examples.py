@@ -1,9 +1,10 @@
-"""The example epilogs of ``diffalign --help`` and each command's ``--help`` (every line is a working command)."""
+"""The example epilogs of ``diffalign --help`` and each command's ``--help``: every line is a working command
+(``tests/test_cli.py`` parses each one and checks the configs it names)."""
 
 MAIN_EXAMPLES = """examples:
   diffalign train configs/tiny_dpo.yaml                     # DPO LoRA on a tiny offline model, a few minutes on CPU
   diffalign train configs/sd15_dpo.yaml train.max_steps=500 # the real SD1.5 recipe, with an override
-  diffalign tiny model /tmp/tiny-sd15 --family sd15         # a tiny random-weight diffusers checkpoint
+  diffalign tiny model /tmp/tiny-sd15 --model sd15          # a tiny random-weight diffusers checkpoint
   diffalign tiny data /tmp/tiny-pairs                       # a small synthetic preference set (parquet + jsonl)
   diffalign sample --prompt-set shapes --lora runs/tiny_dpo --npo runs/tiny_npo   # NPO-guided sampling
   diffalign score --images samples/npo --reward clip --out scores.csv             # reward models
@@ -11,6 +12,7 @@ MAIN_EXAMPLES = """examples:
   diffalign train configs/toy/dpo.yaml                      # DPO on those pairs (toy base: pre-trained here on CPU)
   diffalign eval --model tiny:toy --prompts toy --steps 20 --guidance 4 --setup dpo:lora=runs/toy/dpo --reward toy_redness --out eval/toy
   diffalign export runs/tiny_dpo --format kohya             # LoRA for ComfyUI / A1111
+  diffalign list rewards                                    # what --reward takes; `diffalign list` shows every kind
 """
 
 TRAIN_EXAMPLES = """examples:
@@ -27,10 +29,10 @@ The run folder gets config.yaml, pytorch_lora_weights.safetensors, README.md, sa
 """
 
 TINY_EXAMPLES = """examples:
-  diffalign tiny model /tmp/tiny-sd15 --family sd15 --seed 0
-  diffalign tiny model /tmp/tiny-sd2v --family sd2v         # SD2.x-shaped, v-prediction
-  diffalign tiny model /tmp/tiny-sdxl --family sdxl         # SDXL-shaped: two text encoders, time ids
-  diffalign tiny model /tmp/tiny-sd3 --family sd3           # SD3-shaped: flow-matching MMDiT, CLIP x2 + T5
+  diffalign tiny model /tmp/tiny-sd15 --model sd15 --seed 0
+  diffalign tiny model /tmp/tiny-sd2v --model sd2v          # SD2.x-shaped, v-prediction
+  diffalign tiny model /tmp/tiny-sdxl --model sdxl          # SDXL-shaped: two text encoders, time ids
+  diffalign tiny model /tmp/tiny-sd3 --model sd3            # SD3-shaped: flow-matching MMDiT, CLIP x2 + T5
   diffalign tiny data /tmp/tiny-pairs --num-pairs 64
   diffalign tiny reward /tmp/tiny-hps --reward hpsv21
   diffalign tiny lora /tmp/tiny-lora --base tiny:sd15
@@ -87,8 +89,8 @@ EVAL_EXAMPLES = """examples:
       --setup dpo:lora=runs/sd15_dpo --reward hpsv21,pickscore --steps 25 --guidance 7.5 --out eval/sd15
   diffalign eval --model stable-diffusion-v1-5/stable-diffusion-v1-5 --prompts hpsv2:photo --prompts-source /data/HPDv2 \\
       --setup half:lora=runs/sd15_dpo,lora_scale=0.5 --setup dpm:scheduler=dpm --reward hpsv21 --out eval/sd15_photo
-Prompts: a shipped set (shapes, everyday), a .txt/.jsonl file, parti, parti:<Category>, hpsv2, hpsv2:<style>
-(anime, concept-art, paintings, photo); --prompts-source is a local copy of parti (PartiPrompts.tsv) or hpsv2 (a
+Prompts: a prompt set (diffalign list prompt-sets: shipped ones such as shapes; parti, parti:<Category>, hpsv2,
+hpsv2:<style> with style anime, concept-art, paintings or photo), or a .txt/.jsonl file; --prompts-source is a local copy of parti (PartiPrompts.tsv) or hpsv2 (a
 folder with benchmark/<style>.json). Setup keys: lora, npo, npo_merge_weight, segments, lora_scale, npo_scale,
 scheduler. "base" (no adapters) is always the baseline. Every setup samples the same prompts and seeds; a win is
 a higher score than base on the same (prompt, seed), ties count half. Writes samples/<setup>/, scores.jsonl,
@@ -98,4 +100,11 @@ report.json, report.md, grid.png and winrate.png.
 EXPORT_EXAMPLES = """examples:
   diffalign export runs/tiny_dpo --format kohya
   diffalign export runs/tiny_dpo/checkpoint-500 --format kohya --out my_lora.safetensors
+"""
+
+LIST_EXAMPLES = """examples:
+  diffalign list                   # every kind: objectives, families, rewards, formats, prompt sets, samplers
+  diffalign list rewards           # the names --reward takes, each with what it is and its source
+  diffalign list samplers          # the names --scheduler takes
+Each entry is a registry entry (diffalign.registry.Registry): the README's tables list the same names.
 """

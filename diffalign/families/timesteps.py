@@ -1,4 +1,4 @@
-"""Which timesteps a step trains on, and how much each one counts.
+"""Which timesteps a step trains on, and how much each one counts: noise-schedule math the families share.
 
 - Sampling: uniform over the schedule, or over ``train.timesteps.interval = [t_lo, t_hi)`` only (one LoRA per
   segment for timestep-segment alignment: high-noise steps shape layout, low-noise steps shape detail).
@@ -16,17 +16,20 @@ from __future__ import annotations
 
 import torch
 
+from diffalign.errors import ConfigError
+
 
 def interval_bounds(num_train_timesteps: int, interval) -> tuple[int, int]:
     """[t_lo, t_hi) of ``train.timesteps.interval`` (the whole schedule when None), refused past its end."""
     low, high = (0, num_train_timesteps) if interval is None else (int(interval[0]), int(interval[1]))
     if high > num_train_timesteps:
-        raise ValueError(f"train.timesteps.interval={interval} exceeds the schedule's {num_train_timesteps} timesteps")
+        raise ConfigError(f"train.timesteps.interval={interval} exceeds the schedule's {num_train_timesteps} timesteps")
     return low, high
 
 
 def sample_discrete_timesteps(num_train_timesteps: int, count: int, generator: torch.Generator,
                               interval: list[int] | None) -> torch.Tensor:
+    """(count,) integer timesteps drawn uniformly from [t_lo, t_hi) (``randint``, as diffusers' scripts draw)."""
     low, high = interval_bounds(num_train_timesteps, interval)
     return torch.randint(low, high, (count,), generator=generator)
 
@@ -45,7 +48,7 @@ def sample_unit_levels(count: int, generator: torch.Generator, density: str, low
     if density == "uniform":
         return low + (high - low) * p
     if density != "logit_normal":
-        raise ValueError(f"unknown timestep density {density!r}; use uniform or logit_normal")
+        raise ConfigError(f"unknown timestep density {density!r}; use uniform or logit_normal")
     normal = torch.distributions.Normal(torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64))
     bounds = torch.logit(torch.tensor([low, high], dtype=torch.float64))  # logit(0) = -inf, logit(1) = inf
     cdf_low, cdf_high = normal.cdf(bounds)
@@ -66,6 +69,7 @@ def sample_ddpm_timesteps(num_train_timesteps: int, count: int, generator: torch
 
 
 def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma weights (Hang et al. 2023, arXiv 2303.09556) of ``snr`` (N,) for the prediction type."""
     clipped = torch.clamp(snr, max=gamma)
     if prediction_type == "epsilon":
         return clipped / snr
@@ -75,6 +79,7 @@ def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> to
 
 
 def table_weights(timesteps: torch.Tensor, table: list[list[float]]) -> torch.Tensor:
+    """(N,) float32 weights: ``weight`` where t lies in [low, high) of a ``[low, high, weight]`` row, 1 elsewhere."""
     weights = torch.ones(timesteps.shape, dtype=torch.float32)
     t = timesteps.float().cpu()
     for low, high, weight in table:

@@ -1,6 +1,7 @@
 """The toy world's product loop: pairs on the toy base -> train each objective -> eval against the base.
 
-    rows = run_toy_alignment("runs/toy", objectives=["dpo", "npo"])      # benchmarks/toy_alignment.py prints them
+``run_toy_alignment(out_dir, objectives)`` returns the table's rows and the stage timings;
+``benchmarks/toy_alignment.py`` prints them (minutes on CPU, so there is no runnable example here).
 
 Every step goes through the same code a user runs: ``diffalign pairs`` (``generate_pairs``) with the registered
 ``toy_redness`` reward, ``diffalign train`` (``train`` on ``configs/toy/<objective>.yaml``) and ``diffalign eval``
@@ -16,7 +17,22 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "toy"
+import torch
+
+from diffalign.config import load_config
+from diffalign.errors import ConfigError
+from diffalign.evaluation.pairs import PairSettings, generate_pairs
+from diffalign.evaluation.report import run_eval
+from diffalign.evaluation.winrate import compare
+from diffalign.guidance.pipeline import load_pipeline
+from diffalign.guidance.sample import SampleSettings
+from diffalign.offline.specs import resolve_model_spec
+from diffalign.offline.toy_base import toy_prompts
+from diffalign.rewards import build_reward
+from diffalign.training.segments import train_segments
+from diffalign.training.trainer import train
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "toy"  # the repository's configs/toy
 OBJECTIVES = ("dpo", "sft", "npo", "sdpo", "mapo", "kto", "smpo", "rank_dpo", "self_npo", "dpo_segments")
 NEGATIVE = ("npo", "self_npo")  # write a negative LoRA for the unconditional branch
 PAIRS_VIEW = {"smpo": "scored", "rank_dpo": "ranked", "kto": "kto"}  # everything else trains on pairs
@@ -25,6 +41,8 @@ HELD_OUT_SEED = 1_000_000  # eval seeds start here; pair generation uses seeds b
 
 @dataclass
 class ToySettings:
+    """The loop's sizes: pair groups, eval images, sampling steps and CFG, and overrides for every training run."""
+
     groups: int = 384  # prompt groups for pairs (the 3 toy prompts, repeated)
     images_per_group: int = 4
     eval_images: int = 200  # held-out images per setup, paired by seed with the base
@@ -36,6 +54,8 @@ class ToySettings:
 
 @dataclass
 class ToyRow:
+    """One setup's line of the table: win rate vs the base with its 95% interval, mean reward, red share."""
+
     setup: str
     win_rate: float
     low: float
@@ -48,11 +68,9 @@ class ToyRow:
 def toy_config(objective: str, out_dir: Path, pairs_dir: Path, overrides: list[str], base: str | None = None):
     """``configs/toy/<objective>.yaml`` pointed at the pairs view it needs, its run folder and (when given) the base
     folder that made the pairs, so training never resolves ``tiny:toy`` in another cache."""
-    from diffalign.config import load_config
-
     path = CONFIGS / f"{objective}.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"no toy config for '{objective}' at {path}; available: {', '.join(OBJECTIVES)}")
+        raise ConfigError(f"no toy config for '{objective}' at {path}; available: {', '.join(OBJECTIVES)}")
     data = pairs_dir / PAIRS_VIEW.get(objective, "pairs")
     model = [f"model.pretrained={base}"] if base else []
     return load_config(path, [f"data.source={data}", f"train.output_dir={out_dir / objective}", *model, *overrides])
@@ -61,16 +79,12 @@ def toy_config(objective: str, out_dir: Path, pairs_dir: Path, overrides: list[s
 def train_objective(objective: str, out_dir: Path, pairs_dir: Path, overrides: list[str],
                     base: str | None = None) -> float:
     """Train one toy objective (skipped when its run folder already holds a finished LoRA); returns seconds."""
-    from diffalign.training.trainer import train
-
     cfg = toy_config(objective, out_dir, pairs_dir, overrides, base)
     timing = out_dir / objective / "toy_seconds.json"
     if timing.is_file():
         return json.loads(timing.read_text())["seconds"]
     started = time.time()
     if cfg.segments:
-        from diffalign.training.segments import train_segments
-
         train_segments(cfg)
     else:
         train(cfg)
@@ -108,18 +122,10 @@ def run_toy_alignment(out_dir: str | Path, objectives: list[str] | tuple[str, ..
     """The whole loop; returns the table rows and a timing dict (base, pairs, each objective, eval).
 
     ``base`` is a toy base folder; None resolves ``tiny:toy`` (pre-trained on first use, then cached)."""
-    from diffalign.evaluation.pairs import PairSettings, generate_pairs
-    from diffalign.evaluation.report import run_eval
-    from diffalign.guidance.pipeline import load_pipeline
-    from diffalign.guidance.sample import SampleSettings
-    from diffalign.rewards import build_reward
-    from diffalign.tiny import resolve_model_spec
-    from diffalign.toy import toy_prompts
-
     settings = settings or ToySettings()
     unknown = [name for name in objectives if name not in OBJECTIVES]
     if unknown:
-        raise ValueError(f"unknown toy objective(s) {unknown}; choose from {', '.join(OBJECTIVES)}")
+        raise ConfigError(f"unknown toy objective(s) {unknown}; choose from {', '.join(OBJECTIVES)}")
     out_dir = Path(out_dir)
     timings: dict[str, float] = {}
     started = time.time()
@@ -175,10 +181,6 @@ def toy_rows(eval_dir: Path, setups: dict[str, dict], seconds: dict[str, float])
 
 def head_to_head(eval_dir: Path, setup: str, other: str, reward: str = "toy_redness"):
     """Win rate of ``setup`` against ``other`` (not the base), paired by prompt and seed, from scores.jsonl."""
-    import torch
-
-    from diffalign.evaluation.winrate import compare
-
     scores: dict[str, dict] = {setup: {}, other: {}}
     for line in (eval_dir / "scores.jsonl").read_text().splitlines():
         entry = json.loads(line)
@@ -190,6 +192,7 @@ def head_to_head(eval_dir: Path, setup: str, other: str, reward: str = "toy_redn
 
 
 def format_table(rows: list[ToyRow]) -> str:
+    """The rows as a markdown table (the README's toy-world table)."""
     lines = ["| setup | win rate vs base | 95% interval | mean reward | red share | train s |",
              "|---|---|---|---|---|---|"]
     for row in rows:

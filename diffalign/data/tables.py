@@ -1,0 +1,149 @@
+"""Tables: a parquet file, a folder of parquet files, a glob, or a hub dataset id, read with ``datasets``.
+
+The schema (``pickapic``, ``chosen_rejected``, ``labelled``, ``ranked``; see ``diffalign.data.formats``) is the one
+``data.format`` names, or with ``auto`` the first whose columns the table has. Only the schema's columns are read,
+and image columns are kept encoded (``decode=False``): ``diffalign.data.validation`` decodes each image once and
+counts the bad ones. Any local file that is not parquet (a .csv, a .txt, a damaged parquet) is a ``DataError``
+listing the formats we read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from diffalign.config import DataConfig
+from diffalign.data.formats import EXPECTED_SOURCES, IMAGE_COLUMNS, PAIR_SCORES, SCHEMAS, Row, schema_error
+from diffalign.errors import DataError
+
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def table_rows(source: str, cfg: DataConfig) -> tuple[Iterator[Row], int | None]:
+    """Rows of a parquet or hub table, with the schema picked by ``cfg.format`` or by the columns found."""
+    dataset = load_table(source, cfg)
+    names = list(dataset.column_names or next(iter(dataset)).keys())  # a stream may not know its columns up front
+    schema = pick_schema(source, names, cfg.format)
+    scored = schema == "chosen_rejected" and any(column in names for column in PAIR_SCORES)
+    if scored and not all(column in names for column in PAIR_SCORES):
+        raise DataError(f"data.source={source}: the columns {names} have only one of {', '.join(PAIR_SCORES)}; "
+                        f"give both (a score per image, higher is better) or neither")
+    dataset = dataset.select_columns(list(SCHEMAS[schema]) + (list(PAIR_SCORES) if scored else []))  # skip the rest
+    for column in IMAGE_COLUMNS[schema]:  # keep the encoded bytes: we decode ourselves and count the bad ones
+        feature = dataset.features.get(column)
+        if undecoded(feature) is not feature:
+            dataset = dataset.cast_column(column, undecoded(feature))
+
+    def rows() -> Iterator[Row]:
+        for index, row in enumerate(dataset):
+            origin = f"row {index} of {source}"
+            if schema == "pickapic":
+                yield Row(index, "pair", row["caption"], [row["jpg_0"], row["jpg_1"]], row["label_0"], origin=origin)
+            elif schema == "chosen_rejected":
+                scores = [row[column] for column in PAIR_SCORES] if scored else None
+                yield Row(index, "pair", row["prompt"], [row["chosen"], row["rejected"]], 1, scores, origin)
+            elif schema == "labelled":
+                yield Row(index, "labelled", row["prompt"], [row["image"]], row["label"], origin=origin)
+            else:
+                images = row["images"]
+                yield Row(index, "ranked", row["prompt"], list(images) if isinstance(images, list | tuple) else [],
+                          scores=row["scores"], origin=origin)
+
+    return rows(), None if cfg.streaming else len(dataset)
+
+
+def undecoded(feature: Any) -> Any:
+    """``feature`` with every datasets ``Image`` in it set to ``decode=False`` (the same object if it has none).
+
+    Covers plain ``Image`` columns and lists of images, whichever list feature the installed datasets uses
+    (``List`` / ``LargeList`` since 4.0, ``Sequence`` before, or a plain ``[Image()]``).
+    """
+    from datasets import Image as ImageFeature  # datasets takes seconds to import: only when a table is read
+
+    if isinstance(feature, ImageFeature):
+        return ImageFeature(decode=False) if feature.decode else feature
+    if isinstance(feature, list) and len(feature) == 1:
+        inner = undecoded(feature[0])
+        return feature if inner is feature[0] else [inner]
+    inner = getattr(feature, "feature", None)
+    if inner is not None and dataclasses.is_dataclass(feature):
+        new = undecoded(inner)
+        return feature if new is inner else dataclasses.replace(feature, feature=new)
+    return feature
+
+
+def load_table(source: str, cfg: DataConfig):
+    """A datasets.Dataset from a local parquet file, folder or glob, or from the hub."""
+    import datasets  # seconds to import: only when a table is read
+
+    data_files = parquet_files(source)
+    if data_files is not None:
+        try:
+            return datasets.load_dataset("parquet", data_files=data_files, split="train", streaming=cfg.streaming)
+        except Exception as error:  # a damaged footer, mixed schemas: name the source, not just pyarrow's words
+            first = (str(error).strip().splitlines() or [""])[0][:300]
+            raise DataError(f"data.source={source}: reading it as parquet failed: {type(error).__name__}: {first}; "
+                            f"{EXPECTED_SOURCES}") from error
+    if not HUB_ID.match(source) or source.endswith((".parquet", ".jsonl", ".json")):
+        raise DataError(f"data.source={source} does not exist; {EXPECTED_SOURCES}")
+    if source.lower() in ("zhwang/hpdv2", "ymhao/hpdv2"):  # json + image archives, not a table the hub can serve
+        raise DataError(f"data.source={source}: HPDv2 is read from a local copy: download the dataset repository, "
+                        "unpack its image archives so that train.json sits next to train/ (and test.json next to "
+                        "test/), and set data.source to that folder (data.format=hpdv2)")
+    try:
+        return datasets.load_dataset(source, split=cfg.split, streaming=cfg.streaming)
+    except Exception as error:  # offline, private, misspelled: the message should still say what was tried
+        raise DataError(f"data.source={source}: no such local path, and loading it as a hub dataset "
+                        f"(split={cfg.split!r}) failed: {type(error).__name__}: {error}") from error
+
+
+def parquet_files(source: str) -> list[str] | None:
+    """The local parquet files named by ``source``; None when it is not a local path (maybe a hub id)."""
+    path = Path(source).expanduser()
+    if any(char in source for char in "*?["):
+        files = sorted(file for file in glob.glob(str(path), recursive=True) if Path(file).is_file())
+        if not files:
+            raise DataError(f"data.source={source}: the glob matches no files; {EXPECTED_SOURCES}")
+        for file in files:
+            check_parquet(file, source)
+        return files
+    if path.is_file():
+        check_parquet(str(path), source)
+        return [str(path)]
+    if path.is_dir():
+        files = sorted(str(file) for file in path.rglob("*.parquet"))
+        if not files:
+            raise DataError(f"data.source={source}: the folder has no parquet files (nor a metadata.jsonl or an "
+                            f"HPDv2 train.json / test.json); {EXPECTED_SOURCES}")
+        return files
+    return None
+
+
+def check_parquet(file: str, source: str) -> None:
+    """DataError naming the formats we read unless ``file`` starts and ends with the parquet magic ``PAR1``."""
+    with open(file, "rb") as handle:
+        head = handle.read(4)
+        handle.seek(max(Path(file).stat().st_size - 4, 0))
+        tail = handle.read(4)
+    if head != b"PAR1" or tail != b"PAR1" or Path(file).stat().st_size < 12:
+        name = file if file == source else f"{file} (matched by data.source={source})"
+        if head == b"PAR1":
+            problem = "looks like a parquet file cut short or damaged (no PAR1 footer); download it again"
+        else:
+            kind = f"a {Path(file).suffix} file" if Path(file).suffix else "a file"
+            problem = f"is {kind} that is not parquet (it does not start with PAR1), and not a format diffalign reads"
+        raise DataError(f"data.source={name} {problem}; {EXPECTED_SOURCES}")
+
+
+def pick_schema(source: str, columns: list[str], fmt: str) -> str:
+    if fmt in SCHEMAS and all(column in columns for column in SCHEMAS[fmt]):
+        return fmt
+    if fmt == "auto":
+        for name, required in SCHEMAS.items():
+            if all(column in columns for column in required):
+                return name
+    raise schema_error(source, columns, "columns")
