@@ -200,7 +200,14 @@ class Config:
         sections.setdefault(self.objective.name, {})
         for section, values in sections.items():
             if section not in available_objectives():
-                raise ConfigError(f"unknown config key 'objective.{section}'.{closest(section, ['name', *available_objectives()])}")
+                own = [f.name for f in dataclasses.fields(ObjectiveConfig) if f.name != "params"]
+                selected = dataclasses.fields(get_objective(self.objective.name).params_cls)
+                if section in {f.name for f in selected}:  # objective.beta: a hyperparameter written one level up
+                    raise ConfigError(f"unknown config key 'objective.{section}'. Did you mean "
+                                      f"'objective.{self.objective.name}.{section}'? Hyperparameters live under "
+                                      "the objective's name.")
+                raise ConfigError(f"unknown config key 'objective.{section}'."
+                                  f"{closest(section, [*own, *available_objectives()])}")
             if not isinstance(values, dict):
                 raise ConfigError(f"objective.{section} must be a mapping of hyperparameters, got {values!r}")
             # Every section is checked (a typo in an unused one is still a typo) and filled with defaults.

@@ -179,3 +179,12 @@ def test_duplicate_keys_and_zero_intervals_are_refused(tmp_path):
         with pytest.raises(ConfigError, match=f"{key} must be at least 1, got -1"):
             load_config(None, [f"{key}=-1"])
         assert load_config(None, [f"{key}=null"]) is not None  # null: no limit
+
+
+def test_a_misplaced_or_misspelt_objective_key_names_the_right_one():
+    with pytest.raises(ConfigError, match=r"Did you mean 'objective\.dpo\.beta'\?"):
+        load_config("configs/tiny_dpo.yaml", ["objective.beta=2500"])
+    with pytest.raises(ConfigError, match="Did you mean 'reference'"):
+        load_config("configs/tiny_dpo.yaml", ["objective.refrence=ema"])
+    with pytest.raises(ConfigError, match="Did you mean 'ema_decay'"):
+        load_config("configs/tiny_dpo.yaml", ["objective.ema_decy=0.5"])
