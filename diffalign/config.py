@@ -58,6 +58,8 @@ class DataConfig:
     cache_dir: str | None = None  # default: $DIFFALIGN_CACHE/features or ~/.cache/diffalign/features
     cache_dtype: str = "float32"  # float32 | float16 | bfloat16
     encode_batch_size: int = 8
+    num_workers: int | None = None  # DataLoader workers decoding images; None: none for small data, else CPUs/process
+    cache_shard_rows: int | None = None  # source rows per cache shard and process; None: shards of about 256 MB
 
 
 REFERENCE_STRATEGIES = ["auto", "lora_disabled", "frozen_copy", "ema", "none"]
@@ -185,10 +187,16 @@ class Config:
             ("train.checkpointing_steps", self.train.checkpointing_steps),
             ("train.checkpoints_total_limit", self.train.checkpoints_total_limit),  # null = keep every checkpoint
             ("data.max_image_pixels", self.data.max_image_pixels),  # null = no limit
+            ("data.encode_batch_size", self.data.encode_batch_size),
+            ("data.cache_shard_rows", self.data.cache_shard_rows),  # null = about 256 MB per shard
+            ("data.max_samples", self.data.max_samples),
         ]:
             if value is not None and value < 1:
                 hint = " (for no checkpoints, set it above train.max_steps)" if key == "train.checkpointing_steps" else ""
                 raise ConfigError(f"{key} must be at least 1, got {value}{hint}")
+        if self.data.num_workers is not None and self.data.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be 0 (decode in the training process) or more, got "
+                              f"{self.data.num_workers}; null picks one per CPU")
         if not 0.0 <= self.data.prompt_dropout < 1.0:
             raise ConfigError(f"data.prompt_dropout must be in [0, 1), got {self.data.prompt_dropout}")
         if self.train.learning_rate <= 0:

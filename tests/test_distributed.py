@@ -28,9 +28,16 @@ def launch_two_processes(config: str, run, **extra) -> subprocess.CompletedProce
 @pytest.mark.parametrize("config", ["tiny_dpo.yaml", "tiny_kto.yaml"])  # KTO all-reduces its reference point
 def test_two_process_run_has_two_ranks_with_identical_lora(tmp_path, tiny_model_path, tiny_data_path, config):
     run = tmp_path / "ddp"
-    launch_two_processes(config, run)
+    launch_two_processes(config, run, **{"data.cache_dir": str(tmp_path / "features")})
     info = json.loads((run / "run_info.json").read_text())
     assert info["num_processes"] == 2
+    # both processes encoded about half of the images, and together every one of them once
+    shares = info["data_build"]["images_per_process"]
+    assert len(shares) == 2 and all(0.4 <= share / sum(shares) <= 0.6 for share in shares), shares
+    (index_file,) = (tmp_path / "features").rglob("index.safetensors")
+    index = load_file(str(index_file))
+    assert sorted(set(index["source_index"].tolist())) == list(range(64)) and sum(shares) == 64 * 2
+    assert len(index["source_index"]) == (64 if config == "tiny_dpo.yaml" else 128)  # KTO: a record per image
     assert len(info["lora_checksums"]) == 2
     assert info["lora_checksums"][0] == info["lora_checksums"][1]
     assert info["global_step"] == 3

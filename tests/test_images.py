@@ -130,7 +130,7 @@ def sdxl_config(cache_dir) -> Config:
 
 
 def test_sdxl_cache_and_uncached_data_record_the_upright_size(tmp_path, sdxl_components):
-    from diffalign.data.cache import build_feature_cache
+    from diffalign.data.build import build_index
     from diffalign.data.dataset import RawPreferenceDataset
 
     cfg, components = sdxl_config(tmp_path / "features"), sdxl_components
@@ -142,11 +142,10 @@ def test_sdxl_cache_and_uncached_data_record_the_upright_size(tmp_path, sdxl_com
     expected = [64, 32, 16, 0]
     for source in (folder, table):
         records, _ = read_preferences(cfg.data, source)
-        cache, cached = build_feature_cache(records, components, cfg.data, cfg.model, show_progress=False)
-        assert cache.load_image_size(cached[0].image_keys[0]).tolist() == expected
-        assert cache.latent_dir.name == "latents-32px-centercrop-upright-float32"  # sideways entries not reused
+        index = build_index(cfg.data, cfg.model, "pair", components, source, show_progress=False)
+        assert index.sizes(0)[0].tolist() == expected
         encoded = family.encode_images(components, family.preprocess_image(upright, resolution)[None])[0]
-        torch.testing.assert_close(cache.load_latents(cached[0].image_keys[0], False), encoded)
+        torch.testing.assert_close(index.latents(0, False)[0], encoded)
         raw = RawPreferenceDataset(records, family, resolution, 2, seed=0, random_flip=False)[(0, 0)]
         assert raw["image_sizes"][0].tolist() == expected
         torch.testing.assert_close(raw["pixels"][0], family.preprocess_image(upright, resolution))
@@ -187,7 +186,7 @@ def test_raised_limit_lifts_pillows_own_guard_for_that_decode_only(monkeypatch):
 
 def test_readers_skip_images_over_the_limit_with_the_reason_and_a_raised_limit_never_fails_later(tmp_path,
                                                                                                   sdxl_components):
-    from diffalign.data.cache import build_feature_cache
+    from diffalign.data.build import build_index
     from diffalign.data.dataset import RawPreferenceDataset
 
     folder = tmp_path / "big"
@@ -210,8 +209,9 @@ def test_readers_skip_images_over_the_limit_with_the_reason_and_a_raised_limit_n
     cfg.data.max_image_pixels = 100_000_000
     records, report = read_preferences(cfg.data, str(folder))
     assert report.kept == 2 and report.total_skipped == 0
-    cache, cached = build_feature_cache(records[:1], components, cfg.data, cfg.model, show_progress=False)
-    assert cache.load_image_size(cached[0].image_keys[0]).tolist() == [9500, 9500, 0, 0]
+    cfg.data.max_samples = 1
+    index = build_index(cfg.data, cfg.model, "pair", components, str(folder), show_progress=False)
+    assert index.sizes(0)[0].tolist() == [9500, 9500, 0, 0]
     raw = RawPreferenceDataset(records[:1], components.family, components.resolution, 2, seed=0, random_flip=False)
     assert raw[(0, 0)]["image_sizes"][0].tolist() == [9500, 9500, 0, 0]
 

@@ -10,8 +10,9 @@ from PIL import Image
 
 from diffalign.config import Config
 from diffalign.data import read_preferences
-from diffalign.data.cache import build_feature_cache, model_fingerprint
-from diffalign.data.dataset import CachedPreferenceDataset, RawPreferenceDataset, collate
+from diffalign.data.build import build_index
+from diffalign.data.cache import model_fingerprint
+from diffalign.data.dataset import IndexedDataset, RawPreferenceDataset, collate
 from diffalign.families import load_components
 from diffalign.offline.specs import resolve_model_spec
 from diffalign.training.step import batch_tensors, expand_cond
@@ -81,12 +82,12 @@ def test_time_ids_follow_each_images_original_size_and_crop(components, odd_size
     records, _ = read_preferences(cfg.data, odd_sized_pairs)
     family = components.family
     if cached:
-        cache, cached_records = build_feature_cache(records, components, cfg.data, cfg.model, show_progress=False)
-        dataset = CachedPreferenceDataset(cache, cached_records, 2, seed=0, random_flip=True)
+        index = build_index(cfg.data, cfg.model, "pair", components, odd_sized_pairs, show_progress=False)
+        dataset = IndexedDataset(index, 2, seed=0, random_flip=True)
     else:
         dataset = RawPreferenceDataset(records, family, components.resolution, 2, seed=0, random_flip=True)
     expected = torch.tensor([[(*SIZES[size], 32, 32) for size in pair] for pair in PAIRS], dtype=torch.float32)
-    flips = [dataset.flipped(epoch, p, s) for epoch in range(3) for p in range(4) for s in range(2)]
+    flips = [dataset.flipped(epoch, p) for epoch in range(3) for p in range(4)]
     assert any(flips) and not all(flips)  # both orientations occur: a flip keeps its image's crop
     for epoch in range(3):
         batch = collate([dataset[(position, epoch)] for position in range(4)])

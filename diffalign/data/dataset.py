@@ -1,7 +1,10 @@
-"""Training datasets over preference records and the deterministic per-epoch batch order.
+"""What the trainer reads: datasets over a record index (or a list of records) and the per-micro-step batches.
 
-Items are addressed as ``(record position, epoch)`` so that the random flip of each image is a pure function of
-(seed, epoch, record, slot): an interrupted run resumes to exactly the same batches.
+Items are addressed as ``(record position, epoch)``. Each record is flipped or not as a whole, a pure function of
+(seed, epoch, record): both images of a pair are mirrored together, as the SDXL reference scripts do, so a pair
+is never "this image over its own mirror", and an interrupted run resumes to exactly the same batches.
+``MicroStepBatches`` is the DataLoader's batch sampler: micro-step m of a run is batch m of a sequence of seeded
+per-epoch permutations, so a run resumed at step m continues with the batches it would have had.
 """
 
 from __future__ import annotations
@@ -10,73 +13,77 @@ import random
 
 import torch
 
-from diffalign.data.cache import CachedRecord, FeatureCache
+from diffalign.data.index import RecordIndex
 from diffalign.data.records import PreferenceRecord, open_image
 
 
-def flip_choice(seed: int, epoch: int, position: int, slot: int) -> bool:
-    return random.Random(((seed * 1_000_003 + epoch) * 1_000_003 + position) * 31 + slot).random() < 0.5
+def flip_choice(seed: int, epoch: int, position: int) -> bool:
+    """Whether record ``position`` is mirrored in ``epoch``: a fair coin drawn from (seed, epoch, position)."""
+    return random.Random((seed * 1_000_003 + epoch) * 1_000_003 + position).random() < 0.5
 
 
 class RecordDataset(torch.utils.data.Dataset):
-    """Shared part: the records, how many images of each are used, and the per-(epoch, record, slot) flips."""
+    """Shared part: how many records, how many images of each are used, and the per-(epoch, record) flips."""
 
-    def __init__(self, records: list, images_per_record: int | None, seed: int, random_flip: bool):
-        self.records, self.images_per_record = records, images_per_record
+    def __init__(self, size: int, images_per_record: int | None, seed: int, random_flip: bool):
+        self.size, self.images_per_record = size, images_per_record
         self.seed, self.random_flip = seed, random_flip
 
     def __len__(self) -> int:
-        return len(self.records)
+        return self.size
 
-    def flipped(self, epoch: int, position: int, slot: int) -> bool:
-        return self.random_flip and flip_choice(self.seed, epoch, position, slot)
+    def flipped(self, epoch: int, position: int) -> bool:
+        return self.random_flip and flip_choice(self.seed, epoch, position)
 
 
-class CachedPreferenceDataset(RecordDataset):
-    """Returns cached latents (K, C, h, w) and conditioning tensors for one record."""
+class IndexedDataset(RecordDataset):
+    """Records of a ``RecordIndex``: cached latents (K, C, h, w) and conditioning, or, for an index without a
+    cache, decoded pixels (K, 3, H, W) and the prompt (``family`` and ``resolution`` needed)."""
 
-    def __init__(self, cache: FeatureCache, records: list[CachedRecord], images_per_record: int | None,
-                 seed: int, random_flip: bool):
-        super().__init__(records, images_per_record, seed, random_flip)
-        self.cache = cache
+    def __init__(self, index: RecordIndex, images_per_record: int | None, seed: int, random_flip: bool,
+                 family=None, resolution: int | None = None):
+        super().__init__(len(index), images_per_record, seed, random_flip)
+        self.index, self.family, self.resolution = index, family, resolution
 
     def __getitem__(self, item: tuple[int, int]) -> dict:
         position, epoch = item
-        record = self.records[position]
-        keys = record.image_keys[: self.images_per_record]
-        latents = [self.cache.load_latents(key, self.flipped(epoch, position, slot)) for slot, key in enumerate(keys)]
-        item = {"latents": torch.stack(latents), "cond": self.cache.load_text(record.prompt_key), "index": record.index}
-        if self.cache.image_sizes:  # (K, 4): each image's original size and crop, for SDXL's time ids
-            item["image_sizes"] = torch.stack([self.cache.load_image_size(key) for key in keys])
-        return with_targets(item, record, self.images_per_record)
+        flipped, count, index = self.flipped(epoch, position), self.images_per_record, self.index
+        if not index.cached:
+            return pixel_item(index.record(position), self.family, self.resolution, count, flipped)
+        out = {"latents": index.latents(position, flipped, count), "cond": index.cond(position),
+               "index": int(index.records["source_index"][position])}
+        if index.image_sizes:  # (K, 4): each image's original size and crop, for SDXL's time ids
+            out["image_sizes"] = index.sizes(position, count)
+        return out | index.targets(position, count)
 
 
 class RawPreferenceDataset(RecordDataset):
-    """Returns decoded pixels (K, 3, H, W) and the prompt: the uncached path, encoded by the trainer every step."""
+    """Decoded pixels (K, 3, H, W) and the prompt of records held in a list (small data, tests)."""
 
     def __init__(self, records: list[PreferenceRecord], family, resolution: int, images_per_record: int | None,
                  seed: int, random_flip: bool):
-        super().__init__(records, images_per_record, seed, random_flip)
-        self.family, self.resolution = family, resolution
+        super().__init__(len(records), images_per_record, seed, random_flip)
+        self.records, self.family, self.resolution = records, family, resolution
 
     def __getitem__(self, item: tuple[int, int]) -> dict:
         position, epoch = item
-        record = self.records[position]
-        images = [open_image(source) for source in record.images[: self.images_per_record]]
-        pixels = [self.family.preprocess_image(image, self.resolution, self.flipped(epoch, position, slot))
-                  for slot, image in enumerate(images)]
-        item = {"pixels": torch.stack(pixels), "prompt": record.prompt, "index": record.index}
-        if self.family.needs_image_sizes:  # (K, 4): each image's original size and crop, for SDXL's time ids
-            item["image_sizes"] = torch.tensor([self.family.image_size(image, self.resolution) for image in images])
-        return with_targets(item, record, self.images_per_record)
+        return pixel_item(self.records[position], self.family, self.resolution, self.images_per_record,
+                          self.flipped(epoch, position))
 
 
-def with_targets(item: dict, record, images_per_record: int | None) -> dict:
-    """Add the record's per-image labels / scores (KTO, SmPO, RankDPO) for the images actually used."""
-    for name in ("labels", "scores"):
+def pixel_item(record: PreferenceRecord, family, resolution: int, count: int | None, flipped: bool,
+               images: list | None = None) -> dict:
+    """One record's first ``count`` images preprocessed (decoded here unless ``images`` holds them decoded), its
+    prompt and targets: what the trainer encodes itself when there is no cache."""
+    images = images[:count] if images is not None else [open_image(source) for source in record.images[:count]]
+    pixels = [family.preprocess_image(image, resolution, flipped) for image in images]
+    item = {"pixels": torch.stack(pixels), "prompt": record.prompt, "index": record.index}
+    if family.needs_image_sizes:  # (K, 4): each image's original size and crop, for SDXL's time ids
+        item["image_sizes"] = torch.tensor([family.image_size(image, resolution) for image in images])
+    for name in ("labels", "scores"):  # per image (KTO, SmPO, RankDPO), for the images actually used
         values = getattr(record, name)
         if values is not None:
-            item[name] = torch.tensor(values[:images_per_record], dtype=torch.float32)
+            item[name] = torch.tensor(values[:count], dtype=torch.float32)
     return item
 
 
@@ -105,3 +112,23 @@ def epoch_batches(num_records: int, batch_size: int, num_processes: int, process
         start = step * per_step + process_index * batch_size
         batches.append([(position, epoch) for position in order[start : start + batch_size]])
     return batches
+
+
+class MicroStepBatches:
+    """A DataLoader batch sampler over micro-steps ``start, start + 1, ...`` (without end): micro-step m is batch
+    m mod (batches per epoch) of epoch m // (batches per epoch) (``epoch_batches``)."""
+
+    def __init__(self, num_records: int, batch_size: int, num_processes: int, process_index: int, seed: int,
+                 start: int = 0):
+        self.args = (num_records, batch_size, num_processes, process_index)
+        self.seed, self.start = seed, start
+        self.per_epoch = num_records // (batch_size * num_processes)
+
+    def __iter__(self):
+        micro_step, loaded, batches = self.start, None, []
+        while True:
+            epoch, position = divmod(micro_step, self.per_epoch)
+            if epoch != loaded:
+                batches, loaded = epoch_batches(*self.args, epoch=epoch, seed=self.seed), epoch
+            yield batches[position]
+            micro_step += 1

@@ -6,7 +6,8 @@ checks each row into a ``PreferenceRecord``. ``diffalign.data.readers`` fills ``
 schemas:
 
 - ``pickapic``: columns ``caption``, ``jpg_0``, ``jpg_1``, ``label_0`` (``label_1`` optional, unused);
-  ``label_0`` 1 = jpg_0 preferred, 0 = jpg_1 preferred, 0.5 = tie.
+  ``label_0`` 1 = jpg_0 preferred, 0 = jpg_1 preferred, 0.5 = tie. Rows whose optional ``are_different`` is
+  false (Pick-a-Pic v2: the two images are the same picture) are skipped as ``identical_images``.
 - ``chosen_rejected``: columns ``chosen``, ``rejected``, ``prompt``; optional ``chosen_score``, ``rejected_score``.
 - ``labelled``: columns ``image``, ``label`` (0/1 or false/true), ``prompt``.
 - ``ranked``: columns ``images`` (a list of images), ``scores`` (a list of numbers, one per image), ``prompt``.
@@ -62,10 +63,11 @@ class Row(NamedTuple):
     index: int
     kind: str  # pair | labelled | ranked | caption
     prompt: Any
-    cells: list[Any]  # image cells: bytes, {"bytes", "path"} dicts, PIL images or paths (None = missing)
+    cells: list[Any]  # image cells: bytes, {"bytes", "path"} dicts, PIL images, paths or TableImage (None = missing)
     label: Any = 1  # pair: label_0 (1 = cells already winner first, 0 = loser first, 0.5 = tie); labelled: the label
     scores: Any = None  # pair: [chosen, rejected] or None; ranked: one per cell
     origin: str = ""  # where the row came from, for skip messages: "line 3 of /x/metadata.jsonl"
+    different: bool | None = None  # Pick-a-Pic are_different (False: the two images are the same picture)
 
 
 RowReader = Callable[[str, DataConfig, SkipReport], tuple[Iterator[Row], int | None]]

@@ -19,8 +19,8 @@ Tables come from a parquet file, a folder of parquet files, a glob, or a hub dat
 (a .csv, a .txt, a .json that is not HPDv2, a damaged parquet) is a ``DataError`` listing these formats. Bad
 records (undecodable or missing images, empty prompts, prompts that are not text or not UTF-8, unknown labels, bad
 scores) are skipped and counted in a ``SkipReport`` whose messages name the file and line or row, or are fatal
-under ``data.strict=true`` (``diffalign.data.validation``). Every kept image is fully decoded once here, so
-training never meets one.
+under ``data.strict=true`` (``diffalign.data.validation``). Every kept image is fully decoded once, in DataLoader
+workers (``diffalign.data.decoding``), so training never meets a bad one.
 """
 
 from __future__ import annotations
@@ -31,23 +31,25 @@ from functools import partial
 from tqdm.auto import tqdm
 
 from diffalign.config import DataConfig
+from diffalign.data.decoding import DeferredSkips, RowStream, checked_records, worker_count
 from diffalign.data.formats import FORMATS, DataFormat, Row
 from diffalign.data.hpdv2 import hpdv2_rows, is_hpdv2_source
 from diffalign.data.jsonl import is_jsonl_source, jsonl_metadata_path, jsonl_rows
 from diffalign.data.records import PreferenceRecord, SkipReport
 from diffalign.data.tables import table_rows
-from diffalign.data.validation import make_record
 from diffalign.logs import get_logger
 
 logger = get_logger(__name__)
 
 
 def read_preferences(cfg: DataConfig, source: str | None = None) -> tuple[list[PreferenceRecord], SkipReport]:
-    """Read every usable record of ``source`` (default ``cfg.source``), up to ``cfg.max_samples`` kept ones.
+    """Read every usable record of ``source`` (default ``cfg.source``), up to ``cfg.max_samples`` kept ones, into
+    memory: table images come back as their encoded bytes. For small data and inspection; training reads through
+    ``diffalign.data.build`` instead, which holds no images.
 
     Args:
         cfg: the ``data`` section: ``format`` (a name in ``FORMATS``), ``split``, ``strict``, ``drop_ties``,
-            ``max_samples``, ``max_image_pixels``, ``streaming``.
+            ``max_samples``, ``max_image_pixels``, ``streaming``, ``num_workers`` (image decoding).
         source: overrides ``cfg.source`` (e.g. a ``tiny:`` spec resolved to a folder).
 
     Returns:
@@ -59,17 +61,26 @@ def read_preferences(cfg: DataConfig, source: str | None = None) -> tuple[list[P
     """
     source = str(cfg.source if source is None else source)
     report = SkipReport()
-    rows, total = FORMATS.get(cfg.format).read(source, cfg, report)
+    stream = open_rows(cfg, source)
+    rows = tqdm(stream.rows, total=stream.total, desc="reading preferences", disable=None)
     records = []
-    for row in tqdm(rows, total=total, desc="reading preferences", disable=None):
-        record = make_record(row, cfg, report)
-        if record is not None:
-            records.append(record)
-            if cfg.max_samples is not None and len(records) >= cfg.max_samples:
-                break
+    for checked in checked_records(stream._replace(rows=rows), cfg, report, as_bytes=True,
+                                   num_workers=worker_count(cfg.num_workers, stream.total)):
+        records.append(checked.record)
+        if cfg.max_samples is not None and len(records) >= cfg.max_samples:
+            break
+    rows.close()
     report.kept = len(records)
     logger.info(report.summary())
     return records, report
+
+
+def open_rows(cfg: DataConfig, source: str) -> RowStream:
+    """The rows of ``source`` in ``data.format`` (a ``FORMATS`` reader), not yet checked, with a ``DeferredSkips``
+    for what the reader skips on the way. Raises what the reader raises for a source not in the format."""
+    skips = DeferredSkips()
+    rows, total = FORMATS.get(cfg.format).read(source, cfg, skips)
+    return RowStream(rows, total, skips)
 
 
 def read_auto(source: str, cfg: DataConfig, report: SkipReport) -> tuple[Iterator[Row], int | None]:

@@ -1,18 +1,80 @@
-"""The one record type every reader yields, and the bookkeeping for records that had to be skipped."""
+"""The one record type every reader yields, where its images are, and the bookkeeping for skipped records.
+
+A record points at its images rather than holding them: an ``ImageSource`` is a path to a file (local folders),
+a ``TableImage`` (a cell of a memory-mapped table, read when needed), or, for streamed tables only, the encoded
+bytes of the row in hand. So what is resident grows with the batch, not with the data.
+"""
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
 from diffalign.errors import DataError
 from diffalign.images import load_image
 
-# An image is either encoded bytes (parquet / hub data) or a path to a file (local folders).
-ImageSource = bytes | Path
+
+@dataclass(frozen=True)
+class TableImage:
+    """An image cell of a table opened in this process (``register_table``): row ``row`` of ``column``, and for a
+    list column (ranked ``images``) its item ``item``. Reading it touches only that cell of the memory-mapped
+    Arrow data."""
+
+    table: str  # the key register_table returned
+    row: int
+    column: str
+    item: int | None = None
+
+
+# An image is a path to a file (local folders), a table cell, or encoded bytes (streamed tables, in-memory data).
+ImageSource = bytes | Path | TableImage
+
+_TABLES: dict[str, Any] = {}  # key -> datasets.Dataset (memory-mapped Arrow), in this process and its workers
+
+
+def register_table(dataset: Any) -> str:
+    """Make ``dataset`` (a ``datasets.Dataset`` with no row selection) addressable by ``TableImage``; returns its
+    key, the fingerprint ``datasets`` gives it (the same for the same files in every process and run)."""
+    key = str(dataset._fingerprint)
+    _TABLES.setdefault(key, dataset)
+    return key
+
+
+def open_tables() -> dict[str, Any]:
+    """The tables registered in this process, for a worker started without them (``adopt_tables``)."""
+    return dict(_TABLES)
+
+
+def adopt_tables(tables: dict[str, Any]) -> None:
+    """Register ``tables`` (from ``open_tables``) in this process: a spawned worker does not inherit them."""
+    for key, table in tables.items():
+        _TABLES.setdefault(key, table)
+
+
+def table_cell(source: TableImage) -> Any:
+    """The raw cell a ``TableImage`` points at: bytes, a ``{"bytes", "path"}`` dict, or None."""
+    table = _TABLES.get(source.table)
+    if table is None:
+        raise DataError(f"the table of {source} is not open in this process (open the data source first)")
+    cell = table.data.column(source.column)[source.row].as_py()
+    if source.item is not None:
+        cell = cell[source.item] if isinstance(cell, list) and source.item < len(cell) else None
+    return cell
+
+
+def encoded_image(source: ImageSource) -> bytes | Path | None:
+    """Bytes or a path to decode: a ``TableImage`` read from its table (None for an empty cell)."""
+    if not isinstance(source, TableImage):
+        return source
+    cell = table_cell(source)
+    if isinstance(cell, dict):
+        cell = cell.get("bytes") if cell.get("bytes") is not None else cell.get("path")
+        return Path(cell) if isinstance(cell, str) and cell else cell
+    return bytes(cell) if isinstance(cell, bytes | bytearray | memoryview) else None
 
 
 @dataclass
@@ -34,7 +96,10 @@ class PreferenceRecord:
 
 @dataclass
 class SkipReport:
-    """Counts of records skipped per reason, with a few examples each; logged at the end of reading."""
+    """Counts of records skipped per reason, with a few examples each; logged at the end of reading.
+
+    Reports of several processes (or cache shards) add up with ``merge``; ``as_dict`` / ``from_dict`` are their
+    JSON form (``run_info.json``, cache shards)."""
 
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)
@@ -44,10 +109,28 @@ class SkipReport:
         message = f"record {index}: {reason}: {detail}"
         if strict:
             raise DataError(f"{message} (data.strict=true makes bad records fatal; set data.strict=false to skip them)")
-        self.skipped[reason] += 1
-        self.examples.setdefault(reason, [])
-        if len(self.examples[reason]) < 3:
-            self.examples[reason].append(message)
+        self.add(reason, message)
+
+    def add(self, reason: str, message: str, count: int = 1) -> None:
+        self.skipped[reason] += count
+        examples = self.examples.setdefault(reason, [])
+        if len(examples) < 3:
+            examples.append(message)
+
+    def merge(self, other: SkipReport) -> SkipReport:
+        self.kept += other.kept
+        for reason, count in other.skipped.items():
+            self.skipped[reason] += count
+            examples = self.examples.setdefault(reason, [])
+            examples.extend(other.examples.get(reason, [])[: 3 - len(examples)])
+        return self
+
+    def as_dict(self) -> dict:
+        return {"kept": self.kept, "skipped": dict(self.skipped), "examples": self.examples}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SkipReport:
+        return cls(data.get("kept", 0), Counter(data.get("skipped", {})), dict(data.get("examples", {})))
 
     @property
     def total_skipped(self) -> int:
@@ -65,6 +148,10 @@ def open_image(source: ImageSource, max_pixels: int | None = None) -> Image.Imag
 
     No pixel limit by default: the readers already checked every kept image against ``data.max_image_pixels``,
     so the cache and the uncached dataset, which decode it again, never fail on a limit the user raised.
-    Raises what ``load_image`` raises (``ImageTooLarge`` over ``max_pixels``, Pillow's errors for bad data).
+    Raises what ``load_image`` raises (``ImageTooLarge`` over ``max_pixels``, Pillow's errors for bad data), and
+    ``DataError`` for an empty table cell.
     """
-    return load_image(source, max_pixels=max_pixels)
+    encoded = encoded_image(source)
+    if encoded is None:
+        raise DataError(f"{source} is an empty image cell")
+    return load_image(encoded, max_pixels=max_pixels)

@@ -2,9 +2,10 @@
 
 The schema (``pickapic``, ``chosen_rejected``, ``labelled``, ``ranked``; see ``diffalign.data.formats``) is the one
 ``data.format`` names, or with ``auto`` the first whose columns the table has. Only the schema's columns are read,
-and image columns are kept encoded (``decode=False``): ``diffalign.data.validation`` decodes each image once and
-counts the bad ones. Any local file that is not parquet (a .csv, a .txt, a damaged parquet) is a ``DataError``
-listing the formats we read.
+and image columns are not read at all: rows point at their image cells (``TableImage``), which
+``diffalign.data.validation`` decodes, once, in DataLoader workers, counting the bad ones (a streamed table keeps
+the encoded bytes of the rows in hand, ``decode=False``). Any local file that is not parquet (a .csv, a .txt, a
+damaged parquet) is a ``DataError`` listing the formats we read.
 """
 
 from __future__ import annotations
@@ -18,13 +19,20 @@ from typing import Any
 
 from diffalign.config import DataConfig
 from diffalign.data.formats import EXPECTED_SOURCES, IMAGE_COLUMNS, PAIR_SCORES, SCHEMAS, Row, schema_error
+from diffalign.data.records import TableImage, register_table
 from diffalign.errors import DataError
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+TABLE_KEYS: dict[str, str] = {}  # data.source -> the fingerprint of the table loaded for it (build keys)
 
 
 def table_rows(source: str, cfg: DataConfig) -> tuple[Iterator[Row], int | None]:
-    """Rows of a parquet or hub table, with the schema picked by ``cfg.format`` or by the columns found."""
+    """Rows of a parquet or hub table, with the schema picked by ``cfg.format`` or by the columns found.
+
+    A loaded table (``datasets`` keeps it as memory-mapped Arrow) is read without its image columns: each image
+    cell becomes a ``TableImage`` pointing at its row, so reading the rows costs their text and labels only. A
+    streamed table (``data.streaming=true``) has no random access: its rows carry their image bytes as they arrive.
+    """
     dataset = load_table(source, cfg)
     names = list(dataset.column_names or next(iter(dataset)).keys())  # a stream may not know its columns up front
     schema = pick_schema(source, names, cfg.format)
@@ -32,28 +40,77 @@ def table_rows(source: str, cfg: DataConfig) -> tuple[Iterator[Row], int | None]
     if scored and not all(column in names for column in PAIR_SCORES):
         raise DataError(f"data.source={source}: the columns {names} have only one of {', '.join(PAIR_SCORES)}; "
                         f"give both (a score per image, higher is better) or neither")
-    dataset = dataset.select_columns(list(SCHEMAS[schema]) + (list(PAIR_SCORES) if scored else []))  # skip the rest
-    for column in IMAGE_COLUMNS[schema]:  # keep the encoded bytes: we decode ourselves and count the bad ones
-        feature = dataset.features.get(column)
-        if undecoded(feature) is not feature:
-            dataset = dataset.cast_column(column, undecoded(feature))
+    columns = list(SCHEMAS[schema]) + (list(PAIR_SCORES) if scored else [])
+    if schema == "pickapic" and "are_different" in names:
+        columns.append("are_different")
+    if cfg.streaming:
+        dataset = dataset.select_columns(columns)  # skip the rest
+        for column in IMAGE_COLUMNS[schema]:  # keep the encoded bytes: we decode ourselves and count the bad ones
+            feature = dataset.features.get(column)
+            if undecoded(feature) is not feature:
+                dataset = dataset.cast_column(column, undecoded(feature))
+        return StreamedRows(dataset, schema, source), None
+    # Registered now, before any DataLoader worker starts: the workers read the cells through it.
+    TABLE_KEYS[source] = register_table(dataset)
+    return pointer_rows(TABLE_KEYS[source], dataset, schema, columns, source), len(dataset)
 
-    def rows() -> Iterator[Row]:
-        for index, row in enumerate(dataset):
-            origin = f"row {index} of {source}"
-            if schema == "pickapic":
-                yield Row(index, "pair", row["caption"], [row["jpg_0"], row["jpg_1"]], row["label_0"], origin=origin)
-            elif schema == "chosen_rejected":
-                scores = [row[column] for column in PAIR_SCORES] if scored else None
-                yield Row(index, "pair", row["prompt"], [row["chosen"], row["rejected"]], 1, scores, origin)
-            elif schema == "labelled":
-                yield Row(index, "labelled", row["prompt"], [row["image"]], row["label"], origin=origin)
-            else:
-                images = row["images"]
-                yield Row(index, "ranked", row["prompt"], list(images) if isinstance(images, list | tuple) else [],
-                          scores=row["scores"], origin=origin)
 
-    return rows(), None if cfg.streaming else len(dataset)
+class StreamedRows:
+    """The rows of a streamed table (a ``datasets.IterableDataset``), with their image bytes; ``split_by_node``
+    gives one process's part (``datasets.distributed.split_dataset_by_node``: whole files per process when their
+    number divides evenly, else every P-th row)."""
+
+    def __init__(self, dataset, schema: str, source: str, part: str = ""):
+        self.dataset, self.schema, self.source, self.part = dataset, schema, source, part
+
+    def __iter__(self) -> Iterator[Row]:
+        where = f"{self.part}{self.source}"
+        return (schema_row(self.schema, index, row, where) for index, row in enumerate(self.dataset))
+
+    def split_by_node(self, rank: int, world_size: int) -> StreamedRows:
+        from datasets.distributed import split_dataset_by_node
+
+        if world_size == 1:
+            return self
+        return StreamedRows(split_dataset_by_node(self.dataset, rank=rank, world_size=world_size), self.schema,
+                            self.source, f"process {rank}'s part of ")
+
+
+def pointer_rows(key: str, dataset, schema: str, columns: list[str], source: str,
+                 batch_rows: int = 4096) -> Iterator[Row]:
+    """Rows of a loaded table whose image cells are ``TableImage`` pointers: the other columns are read from the
+    Arrow data in batches, the image columns not at all (for ranked tables, only the list lengths)."""
+    import pyarrow.compute as pc
+
+    images = IMAGE_COLUMNS[schema]
+    table = dataset.data.table.select([column for column in columns if column not in images])
+    lengths = pc.list_value_length(dataset.data.column("images")) if schema == "ranked" else None
+    index = 0
+    for batch in table.to_batches(max_chunksize=batch_rows):
+        for values in batch.to_pylist():
+            if lengths is None:
+                values.update({column: TableImage(key, index, column) for column in images})
+            else:  # a list of images: one pointer per item (none for a null list)
+                count = lengths[index].as_py() or 0
+                values["images"] = [TableImage(key, index, "images", item) for item in range(count)]
+            yield schema_row(schema, index, values, source)
+            index += 1
+
+
+def schema_row(schema: str, index: int, row: dict, source: str) -> Row:
+    """One table row as a ``Row`` of its schema (image cells as they are: bytes, dicts or ``TableImage``)."""
+    origin = f"row {index} of {source}"
+    if schema == "pickapic":
+        return Row(index, "pair", row["caption"], [row["jpg_0"], row["jpg_1"]], row["label_0"], origin=origin,
+                   different=row.get("are_different"))
+    if schema == "chosen_rejected":
+        scores = [row[column] for column in PAIR_SCORES] if "chosen_score" in row else None
+        return Row(index, "pair", row["prompt"], [row["chosen"], row["rejected"]], 1, scores, origin)
+    if schema == "labelled":
+        return Row(index, "labelled", row["prompt"], [row["image"]], row["label"], origin=origin)
+    images = row["images"]
+    return Row(index, "ranked", row["prompt"], list(images) if isinstance(images, list | tuple) else [],
+               scores=row["scores"], origin=origin)
 
 
 def undecoded(feature: Any) -> Any:

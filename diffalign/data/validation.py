@@ -1,30 +1,46 @@
 """Checking one source row into a ``PreferenceRecord``: the rules every reader shares.
 
 ``make_record(row, cfg, report)`` gives the record, or None when the row was skipped (and counted in ``report``).
-Labels and scores are checked before any image is decoded; then the prompt (text, UTF-8, not blank) and every
-image (present, under ``data.max_image_pixels``, fully decodable, upright). Pairs come out winner first. Each
+It is two steps, which the data pipeline runs in different processes: ``check_row`` (labels, scores, then the
+prompt: text, UTF-8, not blank; cheap, in the process that reads the rows) and ``check_images`` (every image
+present, under ``data.max_image_pixels``, fully decodable, upright; in DataLoader workers). Pairs come out winner first. Each
 problem is a counted skip in the ``SkipReport`` (fatal under ``data.strict=true``) naming the file and line or row.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import numbers
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from PIL import Image
 
 from diffalign.config import DataConfig
 from diffalign.data.formats import Row
-from diffalign.data.records import ImageSource, PreferenceRecord, SkipReport, open_image
-from diffalign.images import ImageTooLarge, upright
+from diffalign.data.records import ImageSource, PreferenceRecord, SkipReport, TableImage, encoded_image
+from diffalign.images import ImageTooLarge, load_image, upright
 from diffalign.text import decode_utf8, text_problem
 
 
 def make_record(row: Row, cfg: DataConfig, report: SkipReport) -> PreferenceRecord | None:
-    """Validate one row; pairs come out winner first. None when it was skipped."""
+    """Validate one row fully (``check_row``, then every image decoded by ``check_images``); pairs come out
+    winner first. None when it was skipped."""
+    record = check_row(row, cfg, report)
+    if record is None:
+        return None
+    checked = check_images(record, cfg.max_image_pixels)
+    if checked.skip is not None:
+        report.skip(*checked.skip, cfg.strict)
+        return None
+    return checked.record
+
+
+def check_row(row: Row, cfg: DataConfig, report: SkipReport) -> PreferenceRecord | None:
+    """Everything about a row but its pixels: labels, scores and the prompt. Pairs come out winner first; the
+    images are still the row's sources, unchecked (``check_images`` decodes them). None when it was skipped."""
     index, cells, labels, scores, tie = row.index, list(row.cells), None, None, False
     where = f"{row.origin}: " if row.origin else ""
     # Labels and scores are checked before decoding: Pick-a-Pic ties are common and would be decoded for nothing.
@@ -32,6 +48,10 @@ def make_record(row: Row, cfg: DataConfig, report: SkipReport) -> PreferenceReco
         label = row.label
         if not is_number(label) or label not in (0, 0.5, 1):
             report.skip("unknown_label", index, f"{where}label_0={label!r}, expected 1, 0 or 0.5", cfg.strict)
+            return None
+        if row.different is False:  # Pick-a-Pic are_different=false: the two images are the same picture
+            report.skip("identical_images", index, f"{where}are_different=false: both images are the same, so the "
+                        "row carries no preference", cfg.strict)
             return None
         if label == 0.5:
             if cfg.drop_ties:
@@ -61,13 +81,42 @@ def make_record(row: Row, cfg: DataConfig, report: SkipReport) -> PreferenceReco
     prompt = checked_prompt(row, cfg, report)
     if prompt is None:
         return None
-    images = []
-    for cell in cells:
-        image = checked_image(cell, index, cfg, report)
-        if image is None:
-            return None
-        images.append(image)
-    return PreferenceRecord(index=index, prompt=prompt, images=images, labels=labels, scores=scores, tie=tie)
+    return PreferenceRecord(index=index, prompt=prompt, images=[image_source(cell) for cell in cells],
+                            labels=labels, scores=scores, tie=tie)
+
+
+class CheckedImages(NamedTuple):
+    """What ``check_images`` found: the record (images as given, or as bytes when asked) and its decoded images,
+    or the skip ``(reason, index, detail)`` that rejects it."""
+
+    record: PreferenceRecord | None
+    images: list[Image.Image]
+    skip: tuple[str, int, str] | None = None
+
+
+def check_images(record: PreferenceRecord, max_pixels: int | None, as_bytes: bool = False) -> CheckedImages:
+    """Decode every image of a ``check_row`` record, once, fully and upright; the first that is missing
+    (``missing_image``), over ``max_pixels`` (``image_too_large``) or undecodable (``corrupt_image``) rejects the
+    record. ``as_bytes`` replaces table cells by their bytes (for records that must outlive the table).
+
+    Runs in DataLoader worker processes: it reports nothing itself, the caller counts the skip."""
+    images, sources = [], []
+    for source in record.images:
+        try:
+            encoded = None if source is None else encoded_image(source)
+        except Exception as error:  # a table that cannot be read at this row: say so, as a bad record
+            return CheckedImages(None, [], ("corrupt_image", record.index, f"{type(error).__name__}: {error}"))
+        if encoded is None or (isinstance(encoded, Path) and not encoded.is_file()):
+            detail = f"no image at {encoded}" if encoded else "empty image cell"
+            return CheckedImages(None, [], ("missing_image", record.index, detail))
+        try:
+            images.append(load_image(encoded, max_pixels=max_pixels))
+        except ImageTooLarge as error:
+            return CheckedImages(None, [], ("image_too_large", record.index, str(error)))
+        except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError, ...) for bad data
+            return CheckedImages(None, [], ("corrupt_image", record.index, f"{type(error).__name__}: {error}"))
+        sources.append(encoded if as_bytes and isinstance(source, TableImage) else source)
+    return CheckedImages(dataclasses.replace(record, images=sources), images)
 
 
 def checked_prompt(row: Row, cfg: DataConfig, report: SkipReport) -> str | None:
@@ -114,28 +163,13 @@ def checked_scores(values: Any, count: int, index: int, cfg: DataConfig, report:
     return None
 
 
-def checked_image(cell: Any, index: int, cfg: DataConfig, report: SkipReport) -> ImageSource | None:
-    """Turn a cell into bytes or a Path and decode it fully (upright, see ``diffalign.images``); None (and a
-    counted skip: missing_image, image_too_large over ``data.max_image_pixels``, corrupt_image) when that fails."""
-    if isinstance(cell, Image.Image):  # re-encoding below keeps pixels, not orientation metadata: turn it first
-        cell = upright(cell)
-    source = image_source(cell)
-    if source is None or (isinstance(source, Path) and not source.is_file()):
-        report.skip("missing_image", index, f"no image at {source}" if source else "empty image cell", cfg.strict)
-        return None
-    try:
-        open_image(source, max_pixels=cfg.max_image_pixels)
-    except ImageTooLarge as error:
-        report.skip("image_too_large", index, str(error), cfg.strict)
-        return None
-    except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError, ...) for bad data
-        report.skip("corrupt_image", index, f"{type(error).__name__}: {error}", cfg.strict)
-        return None
-    return source
-
-
 def image_source(cell: Any) -> ImageSource | None:
-    """Raw bytes, a datasets Image dict ``{"bytes", "path"}``, a PIL image or a path -> bytes or Path."""
+    """Raw bytes, a datasets Image dict ``{"bytes", "path"}``, a PIL image (turned upright first: re-encoding keeps
+    pixels, not orientation metadata), a path or a ``TableImage`` -> bytes, Path or ``TableImage``."""
+    if isinstance(cell, TableImage):
+        return cell
+    if isinstance(cell, Image.Image):
+        cell = upright(cell)
     if isinstance(cell, bytes | bytearray | memoryview):
         return bytes(cell)
     if isinstance(cell, dict):

@@ -4,10 +4,13 @@ final validation grid; and the ``TrainResult`` that ``train()`` returns."""
 from __future__ import annotations
 
 import json
+import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import torch
 
 from diffalign.config import Config
@@ -43,6 +46,12 @@ class RunClock:
     def stop(self) -> None:
         self.loop_ended = time.time()
 
+    def time_to_first_step(self) -> float | None:
+        """Seconds from the start of this process to the end of the run's first optimizer step."""
+        if self.first_step_done is None:
+            return None
+        return round(self.first_step_done - psutil.Process().create_time(), 2)
+
     def seconds_per_step(self, global_step: int) -> float | None:
         if not self.first_step_done or global_step <= self.first_step:
             return None
@@ -59,13 +68,21 @@ class LoopEnd:
     clock: RunClock
 
 
+def peak_rss_mb() -> dict[str, float]:
+    """Peak resident memory of this process and of its largest finished child (a DataLoader worker), in MiB."""
+    scale = 1024 if sys.platform != "darwin" else 1024 * 1024  # ru_maxrss is KiB on Linux, bytes on macOS
+    return {"self": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale, 1),
+            "children": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / scale, 1)}
+
+
 def write_run_outputs(cfg: Config, accelerator, output_dir: Path, components, denoiser: torch.nn.Module,
-                      report: SkipReport, end: LoopEnd) -> TrainResult:
+                      report: SkipReport, end: LoopEnd, data_stats: dict | None = None) -> TrainResult:
     """All processes call this after the loop (the trained weights already checked finite). The main process
     writes the LoRA (or the ``unet/`` / ``transformer/`` folder of a full fine-tune), the final validation grid
     when validation is on, ``run_info.json`` and the model card; then the trackers are closed."""
     family, model = components.family, unwrap(denoiser)
     checksums = accelerator.gather_for_metrics([trainable_checksum(model)], use_gather_object=True)
+    peaks = accelerator.gather_for_metrics([peak_rss_mb()], use_gather_object=True)
     result = TrainResult(output_dir, end.global_step, end.skipped_steps, end.last_metrics, denoiser=model)
     if accelerator.is_main_process:
         if cfg.lora.enabled:
@@ -84,7 +101,12 @@ def write_run_outputs(cfg: Config, accelerator, output_dir: Path, components, de
             "lora_checksums": list(checksums),
             "wall_time_s": round(time.time() - end.clock.started, 2),
             "seconds_per_step": end.clock.seconds_per_step(end.global_step),
+            # from the process's start: loading the model and building the data included
+            "time_to_first_step_s": end.clock.time_to_first_step(),
+            "peak_rss_mb": [peak["self"] for peak in peaks],  # per process
+            "peak_rss_mb_workers": [peak["children"] for peak in peaks],  # its largest finished DataLoader worker
             "data": {"kept": report.kept, "skipped": dict(report.skipped)},
+            "data_build": data_stats or {},  # the check and cache pass: seconds, bytes, images per process
             "final_metrics": end.last_metrics,
         }
         (output_dir / "run_info.json").write_text(json.dumps(run_info, indent=2))

@@ -2,7 +2,7 @@
 
 - ``build_accelerator``: a fresh ``Accelerator`` (mixed precision, gradient accumulation, trackers);
 - ``setup_model`` -> ``ModelSetup``: the denoiser with its LoRA, the dtypes, the reference;
-- ``setup_data`` -> ``DataSetup``: records, feature cache, the batch of each micro-step, the empty prompt;
+- ``setup_data`` -> ``DataSetup``: the record index and feature cache, the DataLoader, the empty prompt;
 - ``setup_optimization`` -> ``Optimization``: optimizer and lr schedule prepared by accelerate, then the resume;
 - ``start_run_folder`` and ``log_run_summary``: ``config.yaml``, trackers, the "Running training" block.
 
@@ -13,6 +13,7 @@ The order is part of the numerics: the LoRA's initial weights come from the glob
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +24,11 @@ from accelerate.utils import ProjectConfiguration
 from diffusers.training_utils import cast_training_params
 
 from diffalign.config import Config, resolve_reference, save_config
-from diffalign.data import SkipReport, adapt_records, read_preferences
-from diffalign.data.cache import build_feature_cache
-from diffalign.data.dataset import CachedPreferenceDataset, RawPreferenceDataset, collate, epoch_batches
+from diffalign.data import SkipReport
+from diffalign.data.build import build_index
+from diffalign.data.dataset import IndexedDataset, MicroStepBatches, collate
+from diffalign.data.decoding import worker_count
+from diffalign.data.stream import StreamData
 from diffalign.errors import ConfigError
 from diffalign.families import load_components
 from diffalign.families.base import DiffusionComponents
@@ -119,60 +122,66 @@ def check_timesteps(family, components, timestep_cfg) -> None:
 # ---------------------------------------------------------------------------------------------- data
 @dataclass
 class DataSetup:
-    dataset: CachedPreferenceDataset | RawPreferenceDataset
-    report: SkipReport  # what reading kept and skipped
+    dataset: IndexedDataset | None  # None when training from a stream
+    report: SkipReport  # what the build kept and skipped, summed over processes
     batch_size: int  # per process
     num_processes: int
     process_index: int
     seed: int
     empty_cond: dict[str, torch.Tensor] | None  # the empty prompt, when the step or prompt dropout needs it
     dropout_cond: dict[str, torch.Tensor] | None  # the same, only under prompt dropout
-    loaded_epoch: int | None = None
-    batches: list = dataclasses.field(default_factory=list)
+    num_workers: int = 0
+    pin_memory: bool = False
+    stats: dict = dataclasses.field(default_factory=dict)  # the build's figures, for run_info.json
+    stream: StreamData | None = None  # data.streaming=true
 
-    @property
-    def batches_per_epoch(self) -> int:
-        return len(self.dataset) // (self.batch_size * self.num_processes)
-
-    def batch_at(self, micro_step: int) -> dict:
-        """The collated batch of this process for ``micro_step``: epoch e = micro_step // batches_per_epoch is a
-        permutation seeded by (seed, e), so a resumed run reads what an uninterrupted one would have."""
-        epoch, position = divmod(micro_step, self.batches_per_epoch)
-        if epoch != self.loaded_epoch:
-            self.batches = epoch_batches(len(self.dataset), self.batch_size, self.num_processes, self.process_index,
-                                         epoch, self.seed)
-            self.loaded_epoch = epoch
-        return collate([self.dataset[item] for item in self.batches[position]])
+    def batches(self, micro_step: int, stream_positions: list | None = None) -> Iterator[dict]:
+        """This process's collated batches from ``micro_step`` on, through a DataLoader: epoch e is a permutation
+        seeded by (seed, e), so a resumed run reads what an uninterrupted one would have (``MicroStepBatches``).
+        A stream continues from this process's saved position instead."""
+        if self.stream is not None:
+            return self.stream.batches(self.stream.resume_position(stream_positions))
+        sampler = MicroStepBatches(len(self.dataset), self.batch_size, self.num_processes, self.process_index,
+                                   self.seed, start=micro_step)
+        return iter(torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers,
+            pin_memory=self.pin_memory, prefetch_factor=2 if self.num_workers else None))
 
 
 def setup_data(cfg: Config, accelerator: Accelerator, components: DiffusionComponents, objective: Objective,
                step: StepProcedure) -> DataSetup:
-    """Read and adapt the records (failing before any step when the data lacks what the objective needs), build
-    the feature cache, and encode the empty prompt when the step procedure or prompt dropout uses it."""
-    with accelerator.main_process_first():  # the main process builds tiny data and the cache; the rest reuse it
+    """Build (or reuse) the record index and feature cache, every process encoding its share and failing before
+    any step when the data lacks what the objective needs; then encode the empty prompt when the step procedure
+    or prompt dropout uses it."""
+    with accelerator.main_process_first():  # the main process builds tiny data; the rest reuse it
         source = resolve_data_spec(cfg.data.source)
-        records, report = read_preferences(cfg.data, source)
-        records = adapt_records(records, objective.data_kind, cfg.data.source)
-        if not records:
-            raise ConfigError(f"data.source={cfg.data.source}: no usable records.\n{report.summary()}")
-        images_per_record = objective.images_per_record
+    needs_empty = cfg.data.prompt_dropout > 0 or step.needs_empty_cond
+    empty_cond = components.family.encode_prompts(components, [""]) if needs_empty else None
+    dropout_cond = empty_cond if cfg.data.prompt_dropout > 0 else None
+    if cfg.data.streaming:
         if cfg.data.cache:
-            cache, cached = build_feature_cache(records, components, cfg.data, cfg.model,
-                                                show_progress=accelerator.is_main_process)
-            dataset = CachedPreferenceDataset(cache, cached, images_per_record, cfg.train.seed, cfg.data.random_flip)
-        else:
-            dataset = RawPreferenceDataset(records, components.family, components.resolution, images_per_record,
-                                           cfg.train.seed, cfg.data.random_flip)
+            logger.info("data: data.streaming=true trains from the stream as it arrives; data.cache is not used")
+        stream = StreamData(cfg.data, source, objective.data_kind, components.family, components.resolution,
+                            objective.images_per_record, cfg.train.seed, cfg.train.batch_size,
+                            accelerator.process_index, accelerator.num_processes)
+        return DataSetup(None, stream.report, cfg.train.batch_size, accelerator.num_processes,
+                         accelerator.process_index, cfg.train.seed, empty_cond, dropout_cond, stream=stream)
+    index = build_index(cfg.data, cfg.model, objective.data_kind, components if cfg.data.cache else None, source,
+                        accelerator.process_index, accelerator.num_processes,
+                        show_progress=accelerator.is_main_process)
+    if not len(index):
+        raise ConfigError(f"data.source={cfg.data.source}: no usable records.\n{index.report.summary()}")
+    dataset = IndexedDataset(index, objective.images_per_record, cfg.train.seed, cfg.data.random_flip,
+                             components.family, components.resolution)
     if len(dataset) // (cfg.train.batch_size * accelerator.num_processes) == 0:
         raise ConfigError(
             f"{len(dataset)} records cannot fill one step of train.batch_size={cfg.train.batch_size} x "
             f"{accelerator.num_processes} processes; lower train.batch_size or add data"
         )
-    needs_empty = cfg.data.prompt_dropout > 0 or step.needs_empty_cond
-    empty_cond = components.family.encode_prompts(components, [""]) if needs_empty else None
-    dropout_cond = empty_cond if cfg.data.prompt_dropout > 0 else None
-    return DataSetup(dataset, report, cfg.train.batch_size, accelerator.num_processes, accelerator.process_index,
-                     cfg.train.seed, empty_cond, dropout_cond)
+    workers = worker_count(cfg.data.num_workers, len(dataset), accelerator.num_processes)
+    return DataSetup(dataset, index.report, cfg.train.batch_size, accelerator.num_processes,
+                     accelerator.process_index, cfg.train.seed, empty_cond, dropout_cond, workers,
+                     accelerator.device.type == "cuda", index.stats)
 
 
 # ---------------------------------------------------------------------------------------------- optimization
@@ -186,6 +195,7 @@ class Optimization:
     run_settings: dict  # the settings a checkpoint's tensors depend on (checkpoint.run_settings)
     global_step: int = 0  # where the run starts: 0, or the resumed checkpoint's step
     skipped_steps: int = 0
+    stream_positions: list | None = None  # data.streaming=true: every process's place in its stream
 
 
 def setup_optimization(cfg: Config, accelerator: Accelerator, model: ModelSetup, output_dir: Path) -> Optimization:
@@ -212,6 +222,7 @@ def resume(cfg: Config, accelerator: Accelerator, optim: Optimization, output_di
         return
     state = ckpt.load_checkpoint(accelerator, resume_from, optim.parts, optim.run_settings)
     optim.global_step, optim.skipped_steps = state["global_step"], state["skipped_steps"]
+    optim.stream_positions = state.get("stream_positions")
     accelerator.step = optim.global_step * cfg.train.gradient_accumulation_steps
     logger.info(f"resumed from {resume_from} at step {optim.global_step}")
     # The optimizer and scheduler state carry the lr they were saved with; the config's lr is the one to use.
@@ -241,7 +252,8 @@ def log_run_summary(cfg: Config, accelerator: Accelerator, objective: Objective,
         f"  Objective = {objective.name} (step procedure: {objective.step})",
         f"  Reference = {model.reference_strategy}",
         f"  Records = {len(data.dataset)} for training ({data.report.kept} kept, "
-        f"{data.report.total_skipped} skipped while reading)",
+        f"{data.report.total_skipped} skipped while reading)" if data.stream is None else
+        "  Records = streamed (data.streaming=true): checked as they arrive",
         f"  Processes = {accelerator.num_processes}",
         f"  Batch size per process = {per_process}",
         f"  Gradient accumulation steps = {accumulation}",

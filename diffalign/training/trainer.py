@@ -60,8 +60,9 @@ def train(cfg: Config) -> TrainResult:
             end = training_loop(run)
             accelerator.wait_for_everyone()
             check_final_weights(accelerator, run.optim.trainable, output_dir)
+            report = run.data.report if run.data.stream is None else run.data.stream.summed_report()
             return write_run_outputs(cfg, accelerator, output_dir, run.model.components, run.optim.denoiser,
-                                     run.data.report, end)
+                                     report, end, run.data.stats)
     finally:
         if lock is not None:
             release_run_lock(lock)
@@ -122,9 +123,10 @@ def training_loop(run: Run) -> LoopEnd:
     progress = tqdm(total=cfg.train.max_steps, initial=global_step, desc="training",
                     disable=not accelerator.is_main_process)
     model.train()
+    batches = run.data.batches(micro_step, optim.stream_positions)
     try:  # the bar is closed however the loop ends, so an error or Ctrl-C message starts on its own line
         while global_step < cfg.train.max_steps:
-            batch = run.data.batch_at(micro_step)
+            batch = next(batches)
             generator = step_generator(cfg.train.seed, micro_step, accelerator.process_index)
             micro_step += 1
             with accelerator.accumulate(model):
@@ -154,11 +156,14 @@ def training_loop(run: Run) -> LoopEnd:
                 log_validation(accelerator, run.model.components, unwrap(model), cfg, global_step, run.output_dir)
             if checkpoint_due and not guard.consecutive_bad and global_step < cfg.train.max_steps:
                 state = {"global_step": global_step, "skipped_steps": guard.skipped_steps, "run": optim.run_settings}
+                if run.data.stream is not None:
+                    state["stream_positions"] = run.data.stream.positions()
                 ckpt.save_checkpoint(accelerator, run.output_dir, global_step, state, cfg.train.checkpoints_total_limit,
                                      optim.parts)
                 checkpoint_due = False
     finally:
         progress.close()
+        del batches  # stops the DataLoader's workers
     clock.stop()
     guard.report(global_step)
     return LoopEnd(global_step, guard.skipped_steps, last_metrics, clock)
