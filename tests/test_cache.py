@@ -176,6 +176,8 @@ def test_build_killed_with_sigkill_resumes_to_the_same_cache(tiny_data_path, tmp
     child.wait()
     finished = len(list(killed_dir.rglob("images-*.safetensors")))
     assert 3 <= finished < 8 and not list(killed_dir.rglob("index.safetensors"))
+    build_dir = next(killed_dir.rglob("images-*.safetensors")).parent
+    (build_dir / ".images-1p-000-00007.safetensors.0123abcd.tmp").write_bytes(b"half written")  # as -9 leaves
     calls = []
     encode = components.family.encode_images
     components.family.encode_images = lambda *args: calls.append(len(args[1])) or encode(*args)
@@ -186,6 +188,7 @@ def test_build_killed_with_sigkill_resumes_to_the_same_cache(tiny_data_path, tmp
         components.family.encode_images = encode
     assert sum(calls) == (8 - finished) * 8 * 2 * 2  # the unfinished shards: 8 pairs each, both orientations
     assert resumed.images.names == whole.images.names
+    assert not list(build_dir.glob(".*.tmp"))
     for name in [*whole.images.names, *whole.texts.names, "index.safetensors"]:
         ours, theirs = load_file(str(resumed.folder / name)), load_file(str(whole.folder / name))
         assert ours.keys() == theirs.keys()

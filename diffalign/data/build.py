@@ -237,10 +237,13 @@ def gib(count: int) -> str:
 
 
 def remove_other_builds(folder: Path, num_processes: int) -> None:
-    """Shards of an unfinished build with another process count cannot be resumed: remove them."""
+    """Shards of an unfinished build with another process count cannot be resumed, and half-written files of a
+    killed one are of no use: remove them."""
     for file in folder.glob("*-*p-*"):
         if not file.name.split("-")[1] == f"{num_processes}p":
             file.unlink()
+    for file in folder.glob(".*.tmp"):
+        file.unlink()
 
 
 # ---------------------------------------------------------------------------------------------- 2. images
