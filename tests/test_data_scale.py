@@ -18,10 +18,11 @@ from safetensors.torch import load_file
 from test_readers import BLUE, RED, color_of, image_bytes
 
 from diffalign.config import DataConfig, load_config
-from diffalign.data import read_preferences
+from diffalign.data import DataError, read_preferences
 from diffalign.data.build import build_index
 from diffalign.data.dataset import IndexedDataset
 from diffalign.data.records import TableImage
+from diffalign.data.shards import current_umask
 from diffalign.training.trainer import train
 
 
@@ -48,6 +49,40 @@ def test_are_different_false_rows_are_skipped_as_identical_images(tmp_path):
     assert [r.prompt for r in records] == ["a"]
     assert report.skipped == {"identical_images": 2}
     assert "are_different=false" in report.examples["identical_images"][0]
+
+
+def test_a_first_shard_without_kept_records_and_its_reuse(tmp_path):
+    from diffalign.config import Config
+    from diffalign.families import load_components
+
+    source = tmp_path / "pap.parquet"
+    labels = [0.5, 0.5, 0.5, 1.0, 0.0, 1.0, 1.0, 0.0]  # rows 0-2, the whole first shard, are ties
+    pq.write_table(pa.table({
+        "caption": [f"p{i}" for i in range(8)], "jpg_0": [image_bytes(RED, "JPEG")] * 8,
+        "jpg_1": [image_bytes(BLUE, "JPEG")] * 8, "label_0": labels}), source)
+    cfg = Config()
+    cfg.data.cache_dir, cfg.data.cache_shard_rows = str(tmp_path / "features"), 3
+    components = load_components(cfg.model)
+    for _ in range(2):  # built, then reused
+        index = build_index(cfg.data, cfg.model, "pair", components, str(source), show_progress=False)
+        assert len(index) == 5 and index.flips == 2 and index.report.skipped == {"tie": 3}
+        assert index.latents(0, True).shape == (2, 4, 8, 8)
+        assert index.stats["images_per_process"] == [10]
+    assert {oct(file.stat().st_mode & 0o777) for file in index.folder.iterdir()} == {oct(0o666 & ~current_umask())}
+
+
+def test_strict_build_stops_at_the_first_bad_row_whatever_the_reason(tmp_path):
+    from diffalign.config import Config
+
+    good, broken = image_bytes(RED, "JPEG"), image_bytes(RED, "JPEG")[:40]
+    source = tmp_path / "pap.parquet"
+    pq.write_table(pa.table({
+        "caption": [f"p{i}" for i in range(8)], "jpg_0": [good, good, broken, good, good, good, good, good],
+        "jpg_1": [image_bytes(BLUE, "JPEG")] * 8, "label_0": [1.0] * 5 + [0.7, 1.0, 1.0]}), source)
+    cfg = Config()
+    cfg.data.cache_dir, cfg.data.strict = str(tmp_path / "features"), True
+    with pytest.raises(DataError, match=r"record 2: corrupt_image: jpg_0 of row 2: "):  # not row 5's label
+        build_index(cfg.data, cfg.model, "pair", None, str(source), show_progress=False)
 
 
 def test_table_records_point_at_their_cells_and_workers_decode_them(tiny_data_path, tmp_path):
@@ -99,7 +134,7 @@ def test_streamed_run_resumes_where_it_stopped(tiny_data_path, tmp_path, kind):
     full = train(stream_cfg(tmp_path, "full", source))
     state = json.loads((full.output_dir / "checkpoint-10" / "training_state.json").read_text())
     # 64 kept pairs: 8 steps of 2 x 4 per epoch, so step 10 is 2 steps (16 records) into the second epoch
-    epoch, rows, items = state["stream_positions"][0]
+    epoch, rows, items = state["stream"]["positions"][0]
     assert epoch == 1 and rows >= 16 and items == 0
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
@@ -109,8 +144,16 @@ def test_streamed_run_resumes_where_it_stopped(tiny_data_path, tmp_path, kind):
     resumed = train(stream_cfg(tmp_path, "resumed", source, **{"train.resume": "latest"}))
     assert resumed.global_step == 12
     assert_same_lora(lora(full.output_dir), lora(resumed.output_dir))
-    info = json.loads((full.output_dir / "run_info.json").read_text())
-    assert info["data"]["kept"] == 64 and info["data"]["skipped"] == ({"tie": 4} if kind == "parquet" else {})
+    for run in (full, resumed):  # the resumed run reports the skips counted before it too
+        info = json.loads((run.output_dir / "run_info.json").read_text())
+        assert info["data"]["kept"] == 64 and info["data"]["skipped"] == ({"tie": 4} if kind == "parquet" else {})
+
+
+def test_max_samples_bounds_a_stream(tiny_data_path, tmp_path):
+    result = train(stream_cfg(tmp_path, "few", tiny_data_path, **{"data.max_samples": 9, "train.max_steps": 3,
+                                                                 "train.gradient_accumulation_steps": 1}))
+    info = json.loads((result.output_dir / "run_info.json").read_text())
+    assert info["data"]["kept"] == 9 and result.global_step == 3  # 9 records: 2 batches of 4 per epoch
 
 
 def test_training_killed_with_sigkill_resumes_to_the_uninterrupted_lora(tmp_path, tiny_data_path):

@@ -53,7 +53,6 @@ from diffalign.data.encode import PrepareImages, ShardWriter, prompt_hash, shard
 from diffalign.data.index import INDEX_FILE, RecordIndex, write_index
 from diffalign.data.kinds import KindAdapter
 from diffalign.data.readers import open_rows
-from diffalign.data.records import SkipReport
 from diffalign.data.shards import all_gather_rows, barrier, gather_json, read_metadata, write_shard
 from diffalign.data.tables import TABLE_KEYS, parquet_files
 from diffalign.data.validation import check_row
@@ -106,8 +105,8 @@ def build_index(data_cfg: DataConfig, model_cfg, data_kind: str, components=None
         remove_other_builds(folder, num_processes)
     barrier()
     started = time.perf_counter()
-    encoded = encode_share(data_cfg, data_kind, components, source, folder, share, shard_rows,
-                           adapter_k(adapter, counts), show_progress)
+    encode_share(data_cfg, data_kind, components, source, folder, share, shard_rows, adapter_k(adapter, counts),
+                 show_progress)
     barrier()
     if components is not None:
         encode_prompts(data_cfg, components, folder, share, text_rows, show_progress)
@@ -115,7 +114,7 @@ def build_index(data_cfg: DataConfig, model_cfg, data_kind: str, components=None
     if process_index == 0:
         stats = {"check_seconds": round(check_seconds, 3), "encode_seconds": round(time.perf_counter() - started, 3),
                  "estimated_bytes": need}
-        write_index(folder, num_processes, data_cfg.max_samples, stats | {"images_per_process": encoded})
+        write_index(folder, num_processes, data_cfg.max_samples, stats)
     barrier()
     index = RecordIndex(folder)
     logger.info(index.report.summary())
@@ -163,10 +162,10 @@ def prescan(stream, cfg: DataConfig, data_kind: str, source: str, share: tuple[i
     rows = tqdm(stream.rows, total=stream.total, desc="checking records", disable=not show_progress or None,
                 leave=False)
     for seq, row in enumerate(rows):
-        pending = stream.skips.drain()
+        stream.skips.drain()  # skips are counted (or raised, under data.strict) by the cache pass, in row order
         if seq % num_processes == process_index and (cfg.max_samples is None or kept < cfg.max_samples):
             record = check_row(row, cfg, stream.skips)
-            pending += stream.skips.drain()
+            stream.skips.drain()
             if record is not None:
                 kept += 1
                 adapter.observe(record)
@@ -176,8 +175,6 @@ def prescan(stream, cfg: DataConfig, data_kind: str, source: str, share: tuple[i
                         images += len(new.images)
                         counts_k[len(new.images)] = counts_k.get(len(new.images), 0) + 1
                         hashes.append(prompt_hash(new.prompt))
-        if cfg.strict and pending:
-            SkipReport().skip(*pending[0], strict=True)
     unique = torch.unique(torch.frombuffer(hashes, dtype=torch.int64)) if hashes else torch.zeros(0, dtype=torch.int64)
     mine = {"shapes": dict(adapter.shapes), "stats": dict(adapter.stats), "sizes": dict(adapter.sizes),
             "kept": kept, "records": records, "images": images, "k": counts_k}
@@ -220,11 +217,13 @@ def plan(cfg: DataConfig, components, counts: dict, folder: Path) -> tuple[int, 
     done = sum(file.stat().st_size for file in folder.glob("*.safetensors")) if folder.is_dir() else 0
     anchor = next(parent for parent in [folder, *folder.parents] if parent.exists())
     free = shutil.disk_usage(anchor).free
-    what = (f"{counts['images']} images x {flips} orientation{'s' if flips > 1 else ''} x {image_bytes // flips} "
-            f"bytes + {counts['prompts']} distinct prompts x {prompt_bytes} bytes" if components is not None
-            else f"{counts['records']} records, no latents (data.cache=false)")
-    logger.info(f"data: {counts['records']} records to cache: {what} = {gib(need)} at {folder} "
-                f"({gib(done)} already written, {gib(free)} free)")
+    if components is not None:
+        what = (f"{counts['records']} records to cache: {counts['images']} images x {flips} orientation"
+                f"{'s' if flips > 1 else ''} x {image_bytes // flips} bytes + {counts['prompts']} distinct prompts x "
+                f"{prompt_bytes} bytes")
+    else:
+        what = f"{counts['records']} records to index (data.cache=false: no latents)"
+    logger.info(f"data: {what} = {gib(need)} at {folder} ({gib(done)} already written, {gib(free)} free)")
     if need - done > free:
         raise DataError(f"the feature cache needs {gib(need - done)} more at {folder}, but only {gib(free)} is free: "
                         f"free some space, point data.cache_dir at a larger disk, or shrink the cache "
@@ -248,12 +247,10 @@ def remove_other_builds(folder: Path, num_processes: int) -> None:
 
 # ---------------------------------------------------------------------------------------------- 2. images
 def encode_share(cfg: DataConfig, data_kind: str, components, source: str, folder: Path, share: tuple[int, int],
-                 shard_rows: int, images_per_record: int, show_progress: bool) -> list[int]:
-    """Decode, check, adapt and encode this process's share, resuming after its finished shards; returns the
-    number of images each process encoded (gathered)."""
+                 shard_rows: int, images_per_record: int, show_progress: bool) -> None:
+    """Decode, check, adapt and encode this process's share, resuming after its finished shards."""
     process_index, num_processes = share
     done = folder / f"done-{num_processes}p-{process_index:03d}.json"
-    encoded = 0
     if not done.is_file():
         first = 0
         while (folder / shard_name("images", num_processes, process_index, first)).is_file():
@@ -288,9 +285,7 @@ def encode_share(cfg: DataConfig, data_kind: str, components, source: str, folde
                     writer.flush()
                     break
         progress.close()
-        encoded = writer.images_encoded
-        done.write_text(json.dumps({"shards": writer.shard, "images_encoded": encoded}))
-    return [int(part[0]) for part in all_gather_rows(torch.tensor([encoded]))]
+        done.write_text(json.dumps({"shards": writer.shard, "images_encoded_by_this_run": writer.images_encoded}))
 
 
 # ---------------------------------------------------------------------------------------------- 3. prompts

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from diffalign.data.encode import source_of
 from diffalign.data.records import PreferenceRecord, SkipReport
@@ -28,12 +29,18 @@ def write_index(folder: Path, num_processes: int, max_samples: int | None, stats
     text shards' prompts into ``index.safetensors``, with the summed skip report."""
     image_shards = sorted(file.name for file in folder.glob(f"images-{num_processes}p-*.safetensors"))
     text_shards = sorted(file.name for file in folder.glob(f"text-{num_processes}p-*.safetensors"))
-    parts, report = [], SkipReport()
+    parts, report, layout, per_process = [], SkipReport(), {"flips": 0, "image_sizes": False}, {}
     for number, name in enumerate(image_shards):
         tensors = read_tensors(folder / name, list(RECORD_FIELDS))
         tensors["image_shard"] = torch.full_like(tensors["seq"], number, dtype=torch.int32)
         parts.append(tensors)
         report.merge(SkipReport.from_dict(read_metadata(folder / name)["report"]))
+        with safe_open(str(folder / name), framework="pt") as handle:  # the header only
+            if "latents" in handle.keys():
+                images = handle.get_slice("latents").get_shape()
+                layout = {"flips": images[1], "image_sizes": "image_size" in handle.keys()}
+                process = name.split("-")[2]  # images-<P>p-<process>-<shard>
+                per_process[process] = per_process.get(process, 0) + images[0]
     records = {name: torch.cat([part[name] for part in parts]) for name in [*RECORD_FIELDS, "image_shard"]}
     order = torch.sort(records["seq"], stable=True).indices
     records = {name: tensor[order] for name, tensor in records.items()}
@@ -54,8 +61,10 @@ def write_index(folder: Path, num_processes: int, max_samples: int | None, stats
             raise DataError(f"the text shards in {folder} lack prompts of the index; delete the folder to rebuild it")
         records["text_shard"], records["text_slot"] = shard_of[order[position]], slot_of[order[position]]
     size = sum((folder / name).stat().st_size for name in image_shards + text_shards)
-    metadata = {"image_shards": image_shards, "text_shards": text_shards, "report": report.as_dict(),
-                "stats": stats | {"bytes": size, "records": len(records["seq"])}}
+    metadata = {"image_shards": image_shards, "text_shards": text_shards, "report": report.as_dict(), **layout,
+                "stats": stats | {"bytes": size, "records": len(records["seq"]),
+                                  "images_per_process": [per_process.get(f"{rank:03d}", 0)
+                                                         for rank in range(num_processes)]}}
     write_shard(folder / INDEX_FILE, records, metadata)
 
 
@@ -81,8 +90,7 @@ class RecordIndex:
         self.images_per_record = int(self.records["image_slot"].shape[1]) if len(self) else 0
         self.has_labels = len(self) > 0 and not torch.isnan(self.records["labels"]).all().item()
         self.has_scores = len(self) > 0 and not torch.isnan(self.records["scores"]).all().item()
-        self.flips = self.images.row(0, "latents", 0).shape[0] if self.cached and len(self) else 0
-        self.image_sizes = self.cached and len(self) > 0 and "image_size" in self.images.handle(0).keys()
+        self.flips, self.image_sizes = metadata["flips"], metadata["image_sizes"]
         self._shard_json: dict[tuple[int, str], object] = {}
 
     def __len__(self) -> int:

@@ -33,7 +33,14 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
     save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(tmp),
               metadata={name: json.dumps(value) for name, value in metadata.items()})
+    os.chmod(tmp, 0o666 & ~current_umask())  # as any new file: a cache_dir may be shared between users
     os.replace(tmp, path)
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_metadata(path: Path) -> dict[str, Any]:

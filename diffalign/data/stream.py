@@ -63,7 +63,8 @@ class StreamData:
         self.family, self.resolution, self.images_per_record = family, resolution, images_per_record
         self.seed, self.batch_size = seed, batch_size
         self.process_index, self.num_processes = process_index, num_processes
-        self.report = SkipReport()
+        self.report = SkipReport()  # this run's first-epoch skips, in this process
+        self.previous = SkipReport()  # what the run before a resume counted (all processes, summed)
         self.position = StreamPosition()  # after the last batch handed out
         self.first_k: int | None = None
 
@@ -83,11 +84,12 @@ class StreamData:
                                 self.seed, self.cfg.random_flip, epoch)
             report = self.report if epoch == 0 else SkipReport()
             pending: list[tuple[int, int, dict]] = []  # (share row, item number in its row, item)
-            yielded = False
+            yielded, kept, limit = False, 0, self.per_process_limit()
             for checked in checked_records(stream, self.cfg, report, num_workers=worker_count(self.cfg.num_workers,
                                            None, self.num_processes), process_index=index, num_processes=count,
                                            start=start, prepare=items, prefetch=2):
                 report.kept += epoch == 0
+                kept += 1
                 row = (checked.seq - index) // count  # 0-based row of this process's share
                 for number, item in enumerate(checked.payload):
                     self.check_images(item)
@@ -101,11 +103,19 @@ class StreamData:
                                                    last_number + 1 if partial else 0)
                     yielded = True
                     yield collate([item for _, _, item in batch])
+                if limit is not None and kept >= limit:  # data.max_samples: this process's part of them
+                    break
             if not yielded:
                 raise DataError(f"data.source={self.source}: the stream gives process {self.process_index} of "
                                 f"{self.num_processes} fewer usable records than one batch of {self.batch_size} "
                                 f"(train.batch_size).\n{self.report.summary()}")
             epoch, start, skip_items = epoch + 1, 0, 0  # the incomplete last batch is dropped, as in every epoch
+
+    def per_process_limit(self) -> int | None:
+        """``data.max_samples`` split over the processes (each reads its own part of the stream)."""
+        if self.cfg.max_samples is None:
+            return None
+        return -(-self.cfg.max_samples // self.num_processes)
 
     def check_images(self, item: dict) -> None:
         k = item["pixels"].shape[0]
@@ -116,20 +126,23 @@ class StreamData:
                             "in earlier ones; every record of one run needs the same number (filter the data)")
 
     def summed_report(self) -> SkipReport:
-        """The first epoch's skips of every process (call on all processes)."""
-        total = SkipReport()
+        """The first epoch's skips of every process, with those counted before a resume (call on all processes)."""
+        total = SkipReport.from_dict(self.previous.as_dict())
         for part in gather_json(self.report.as_dict()):
             total.merge(SkipReport.from_dict(part))
         return total
 
-    def positions(self) -> list[list[int]]:
-        """Every process's position (call on all processes), for the checkpoint."""
-        return gather_json(list(self.position))
+    def state(self) -> dict:
+        """What a checkpoint keeps (call on all processes): every process's position and the skips so far."""
+        return {"positions": gather_json(list(self.position)), "report": self.summed_report().as_dict()}
 
-    def resume_position(self, saved: list[list[int]] | None) -> StreamPosition:
+    def resume(self, saved: dict | None) -> StreamPosition:
+        """This process's position from a checkpoint's ``state()`` (the start when None)."""
         if saved is None:
             return StreamPosition()
-        if len(saved) != self.num_processes:
-            raise ConfigError(f"the checkpoint's stream positions are for {len(saved)} processes, this run has "
+        positions = saved["positions"]
+        if len(positions) != self.num_processes:
+            raise ConfigError(f"the checkpoint's stream positions are for {len(positions)} processes, this run has "
                               f"{self.num_processes}: resume a streamed run with the same number of processes")
-        return StreamPosition(*saved[self.process_index])
+        self.previous = SkipReport.from_dict(saved["report"])
+        return StreamPosition(*positions[self.process_index])

@@ -13,6 +13,7 @@ import dataclasses
 import io
 import math
 import numbers
+import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -85,6 +86,14 @@ def check_row(row: Row, cfg: DataConfig, report: SkipReport) -> PreferenceRecord
                             labels=labels, scores=scores, tie=tie)
 
 
+def describe_source(source: ImageSource | None) -> str:
+    """Where an image is, for skip messages: a file path, or the column (and list item) of a table row."""
+    if isinstance(source, TableImage):
+        item = f"[{source.item}]" if source.item is not None else ""
+        return f"{source.column}{item} of row {source.row}"
+    return str(source) if isinstance(source, Path) else "image cell"
+
+
 class CheckedImages(NamedTuple):
     """What ``check_images`` found: the record (images as given, or as bytes when asked) and its decoded images,
     or the skip ``(reason, index, detail)`` that rejects it."""
@@ -102,19 +111,22 @@ def check_images(record: PreferenceRecord, max_pixels: int | None, as_bytes: boo
     Runs in DataLoader worker processes: it reports nothing itself, the caller counts the skip."""
     images, sources = [], []
     for source in record.images:
+        where = describe_source(source)
         try:
             encoded = None if source is None else encoded_image(source)
         except Exception as error:  # a table that cannot be read at this row: say so, as a bad record
-            return CheckedImages(None, [], ("corrupt_image", record.index, f"{type(error).__name__}: {error}"))
-        if encoded is None or (isinstance(encoded, Path) and not encoded.is_file()):
-            detail = f"no image at {encoded}" if encoded else "empty image cell"
+            return CheckedImages(None, [], ("corrupt_image", record.index, f"{where}: {type(error).__name__}: {error}"))
+        if not encoded or (isinstance(encoded, Path) and not encoded.is_file()):
+            detail = f"no image at {encoded}" if isinstance(encoded, Path) else f"empty image cell ({where})"
             return CheckedImages(None, [], ("missing_image", record.index, detail))
         try:
             images.append(load_image(encoded, max_pixels=max_pixels))
         except ImageTooLarge as error:
-            return CheckedImages(None, [], ("image_too_large", record.index, str(error)))
+            return CheckedImages(None, [], ("image_too_large", record.index, f"{where}: {error}"))
         except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError, ...) for bad data
-            return CheckedImages(None, [], ("corrupt_image", record.index, f"{type(error).__name__}: {error}"))
+            message = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the image bytes", str(error))
+            return CheckedImages(None, [], ("corrupt_image", record.index,
+                                            f"{where}: {type(error).__name__}: {message}"))
         sources.append(encoded if as_bytes and isinstance(source, TableImage) else source)
     return CheckedImages(dataclasses.replace(record, images=sources), images)
 

@@ -135,12 +135,12 @@ class DataSetup:
     stats: dict = dataclasses.field(default_factory=dict)  # the build's figures, for run_info.json
     stream: StreamData | None = None  # data.streaming=true
 
-    def batches(self, micro_step: int, stream_positions: list | None = None) -> Iterator[dict]:
+    def batches(self, micro_step: int, stream_state: dict | None = None) -> Iterator[dict]:
         """This process's collated batches from ``micro_step`` on, through a DataLoader: epoch e is a permutation
         seeded by (seed, e), so a resumed run reads what an uninterrupted one would have (``MicroStepBatches``).
         A stream continues from this process's saved position instead."""
         if self.stream is not None:
-            return self.stream.batches(self.stream.resume_position(stream_positions))
+            return self.stream.batches(self.stream.resume(stream_state))
         sampler = MicroStepBatches(len(self.dataset), self.batch_size, self.num_processes, self.process_index,
                                    self.seed, start=micro_step)
         return iter(torch.utils.data.DataLoader(
@@ -195,7 +195,7 @@ class Optimization:
     run_settings: dict  # the settings a checkpoint's tensors depend on (checkpoint.run_settings)
     global_step: int = 0  # where the run starts: 0, or the resumed checkpoint's step
     skipped_steps: int = 0
-    stream_positions: list | None = None  # data.streaming=true: every process's place in its stream
+    stream_state: dict | None = None  # data.streaming=true: every process's place in its stream, skips so far
 
 
 def setup_optimization(cfg: Config, accelerator: Accelerator, model: ModelSetup, output_dir: Path) -> Optimization:
@@ -222,7 +222,7 @@ def resume(cfg: Config, accelerator: Accelerator, optim: Optimization, output_di
         return
     state = ckpt.load_checkpoint(accelerator, resume_from, optim.parts, optim.run_settings)
     optim.global_step, optim.skipped_steps = state["global_step"], state["skipped_steps"]
-    optim.stream_positions = state.get("stream_positions")
+    optim.stream_state = state.get("stream")
     accelerator.step = optim.global_step * cfg.train.gradient_accumulation_steps
     logger.info(f"resumed from {resume_from} at step {optim.global_step}")
     # The optimizer and scheduler state carry the lr they were saved with; the config's lr is the one to use.

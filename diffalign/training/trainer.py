@@ -123,7 +123,7 @@ def training_loop(run: Run) -> LoopEnd:
     progress = tqdm(total=cfg.train.max_steps, initial=global_step, desc="training",
                     disable=not accelerator.is_main_process)
     model.train()
-    batches = run.data.batches(micro_step, optim.stream_positions)
+    batches = run.data.batches(micro_step, optim.stream_state)
     try:  # the bar is closed however the loop ends, so an error or Ctrl-C message starts on its own line
         while global_step < cfg.train.max_steps:
             batch = next(batches)
@@ -157,7 +157,7 @@ def training_loop(run: Run) -> LoopEnd:
             if checkpoint_due and not guard.consecutive_bad and global_step < cfg.train.max_steps:
                 state = {"global_step": global_step, "skipped_steps": guard.skipped_steps, "run": optim.run_settings}
                 if run.data.stream is not None:
-                    state["stream_positions"] = run.data.stream.positions()
+                    state["stream"] = run.data.stream.state()
                 ckpt.save_checkpoint(accelerator, run.output_dir, global_step, state, cfg.train.checkpoints_total_limit,
                                      optim.parts)
                 checkpoint_due = False
