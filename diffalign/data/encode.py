@@ -61,7 +61,7 @@ class PrepareImages:
             if self.family is None:
                 prepared.append((new, None, None))
                 continue
-            images = [checked.images[record.images.index(image)] for image in new.images]
+            images = checked.decoded(new.images)
             pixels = torch.stack([torch.stack([self.family.preprocess_image(image, self.resolution, flip)
                                                for flip in (False, True)[: self.flips]]) for image in images])
             sizes = torch.tensor([self.family.image_size(image, self.resolution) for image in images]) \

@@ -126,7 +126,8 @@ class RecordIndex:
         shard = int(self.records["image_shard"][position])
         refs, prompts = self.shard_json(shard, "refs"), self.shard_json(shard, "prompts")
         slot = int(self.records["image_slot"][position][0]) // self.images_per_record
-        labels, scores = self.targets(position).get("labels"), self.targets(position).get("scores")
+        targets = self.targets(position)
+        labels, scores = targets.get("labels"), targets.get("scores")
         return PreferenceRecord(
             index=int(self.records["source_index"][position]),
             prompt=prompts[str(int(self.records["prompt_hash"][position]))],

@@ -50,7 +50,7 @@ class StreamItems:
         record = checked.record
         flipped = self.random_flip and flip_choice(self.seed, self.epoch, record.index)
         return [pixel_item(new, self.family, self.resolution, self.count, flipped,
-                           [checked.images[record.images.index(image)] for image in new.images])
+                           checked.decoded(new.images))
                 for new in self.adapter.adapt(record)]
 
 

@@ -102,6 +102,10 @@ class CheckedImages(NamedTuple):
     images: list[Image.Image]
     skip: tuple[str, int, str] | None = None
 
+    def decoded(self, sources: list[ImageSource]) -> list[Image.Image]:
+        """The decoded images of ``sources``, some of the record's own (an adapted record's images)."""
+        return [self.images[self.record.images.index(source)] for source in sources]
+
 
 def check_images(record: PreferenceRecord, max_pixels: int | None, as_bytes: bool = False) -> CheckedImages:
     """Decode every image of a ``check_row`` record, once, fully and upright; the first that is missing
