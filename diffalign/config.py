@@ -59,7 +59,7 @@ class DataConfig:
     cache_dtype: str = "float32"  # float32 | float16 | bfloat16
     encode_batch_size: int = 8
     num_workers: int | None = None  # DataLoader workers decoding images; None: none for small data, else CPUs/process
-    cache_shard_rows: int | None = None  # source rows per cache shard and process; None: shards of about 256 MB
+    cache_shard_rows: int | None = None  # source rows per cache shard and process; None: shards of about 64 MB
 
 
 REFERENCE_STRATEGIES = ["auto", "lora_disabled", "frozen_copy", "ema", "none"]
@@ -188,7 +188,7 @@ class Config:
             ("train.checkpoints_total_limit", self.train.checkpoints_total_limit),  # null = keep every checkpoint
             ("data.max_image_pixels", self.data.max_image_pixels),  # null = no limit
             ("data.encode_batch_size", self.data.encode_batch_size),
-            ("data.cache_shard_rows", self.data.cache_shard_rows),  # null = about 256 MB per shard
+            ("data.cache_shard_rows", self.data.cache_shard_rows),  # null = about 64 MB per shard
             ("data.max_samples", self.data.max_samples),
         ]:
             if value is not None and value < 1:

@@ -102,6 +102,41 @@ def test_table_records_point_at_their_cells_and_workers_decode_them(tiny_data_pa
     assert [color_of(i) for i in in_memory[0].images] == [color_of(i) for i in kept[0].record.images]
 
 
+def test_table_cells_read_the_same_across_files_and_after_remapping(tmp_path, monkeypatch):
+    """A table of three cache files: every cell read through ``MappedTable`` equals the Arrow data, before and after
+    the files it came from are mapped again (every 4 reads here), and only the files read from are re-mapped.
+    ``load_split`` reads the parquet files (without pyarrow's pre-buffering) to the same data."""
+    import datasets
+
+    from diffalign.data import records
+    from diffalign.data.tables import load_split
+
+    monkeypatch.setattr(records, "REMAP_EVERY", 4)
+    parts = []
+    for part in range(3):  # three parquet files, each loaded to its own Arrow cache file, then concatenated
+        pq.write_table(pa.table({"caption": [f"p{part}-{row}" for row in range(5)],
+                                 "jpg_0": [bytes([part, row]) * 3 for row in range(5)]}), tmp_path / f"{part}.parquet")
+        parts.append(load_split("parquet", "train", False, data_files=[str(tmp_path / f"{part}.parquet")],
+                                cache_dir=str(tmp_path / f"hf{part}")))
+    dataset = datasets.concatenate_datasets(parts)
+    reference = [bytes([part, row]) * 3 for part in range(3) for row in range(5)]
+    assert len(dataset.cache_files) == 3 and dataset["jpg_0"] == reference
+    key = records.register_table(dataset)
+    table = records._TABLES[key]
+    assert table.starts == [0, 5, 10, 15]
+    first = list(table.parts)
+    order = [12, 0, 7, 3, 14, 1, 9, 13, 2, 5, 11, 4, 6, 8, 10]
+    cells = [records.encoded_image(TableImage(key, row, "jpg_0")) for row in order * 2]
+    assert cells == [reference[row] for row in order * 2]
+    assert all(part is not original for part, original in zip(table.parts, first))  # each file was re-mapped
+    fresh = records.MappedTable(dataset)
+    before = list(fresh.parts)
+    monkeypatch.setitem(records._TABLES, key, fresh)
+    for row in (0, 1, 2, 3):  # four reads, all from the first file: only it is mapped again
+        records.encoded_image(TableImage(key, row, "jpg_0"))
+    assert [now is then for now, then in zip(fresh.parts, before)] == [False, True, True]
+
+
 def test_index_without_cache_trains_like_the_cached_one_and_is_reused(tiny_data_path, tmp_path):
     cfg = load_config(ROOT / "configs/tiny_dpo.yaml", tiny_overrides(tmp_path / "run"))
     cfg.data.cache_dir = str(tmp_path / "features")

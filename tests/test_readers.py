@@ -223,13 +223,16 @@ def test_streaming_a_parquet_table_reads_the_same_records(tiny_data_path, monkey
     parquet = str(Path(tiny_data_path).parent / "pairs.parquet")
     full, full_report = read_preferences(DataConfig(max_samples=10), parquet)
     loaded = []
-    original = datasets.load_dataset
+    builder = datasets.DatasetBuilder
 
-    def spy(*args, **kwargs):
-        loaded.append(original(*args, **kwargs))
-        return loaded[-1]
+    def spy(method):
+        def call(*args, **kwargs):
+            loaded.append(method(*args, **kwargs))
+            return loaded[-1]
+        return call
 
-    monkeypatch.setattr(datasets, "load_dataset", spy)
+    monkeypatch.setattr(builder, "as_dataset", spy(builder.as_dataset))
+    monkeypatch.setattr(builder, "as_streaming_dataset", spy(builder.as_streaming_dataset))
     streamed, streamed_report = read_preferences(DataConfig(max_samples=10, streaming=True), parquet)
     assert isinstance(loaded[0], datasets.IterableDataset)  # really streamed, not downloaded
     assert [(r.index, r.prompt, r.images) for r in streamed] == [(r.index, r.prompt, r.images) for r in full]

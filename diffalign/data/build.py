@@ -62,7 +62,8 @@ from diffalign.logs import get_logger
 logger = get_logger(__name__)
 
 BUILD_VERSION = 1
-SHARD_BYTES = 256 * 2**20  # a shard's latents: the memory a process holds before writing one
+SHARD_BYTES = 64 * 2**20  # a shard's latents, held by its process until written (twice, while written); 64 MB
+# keeps that small beside the model, and a million-row SDXL cache at a few thousand shards
 RECORD_BYTES = 64  # index and shard bytes per record besides its latents
 
 
@@ -312,5 +313,6 @@ def encode_prompts(cfg: DataConfig, components, folder: Path, share: tuple[int, 
                     for name, tensor in family.encode_prompts(components, prompts).items():
                         parts.setdefault(name, []).append(tensor.to("cpu", dtype))
                 tensors = {name: torch.cat(values) for name, values in parts.items()}
+                parts.clear()  # one copy held while the shard is written, not two
                 write_shard(path, tensors | {"prompt_hash": torch.tensor(chunk, dtype=torch.int64)}, {})
             bar.update(len(chunk))

@@ -149,6 +149,7 @@ class ShardWriter:
         }
         if self.latents:
             tensors["latents"] = torch.cat(self.latents)
+            self.latents.clear()  # one copy held while the shard is written, not two
         if self.sizes:
             tensors["image_size"] = torch.cat(self.sizes)
         metadata = {"prompts": self.prompts, "refs": self.refs, "report": self.report.as_dict()}

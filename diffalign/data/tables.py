@@ -135,12 +135,11 @@ def undecoded(feature: Any) -> Any:
 
 def load_table(source: str, cfg: DataConfig):
     """A datasets.Dataset from a local parquet file, folder or glob, or from the hub."""
-    import datasets  # seconds to import: only when a table is read
 
     data_files = parquet_files(source)
     if data_files is not None:
         try:
-            return datasets.load_dataset("parquet", data_files=data_files, split="train", streaming=cfg.streaming)
+            return load_split("parquet", "train", cfg.streaming, data_files=data_files)
         except Exception as error:  # a damaged footer, mixed schemas: name the source, not just pyarrow's words
             first = (str(error).strip().splitlines() or [""])[0][:300]
             raise DataError(f"data.source={source}: reading it as parquet failed: {type(error).__name__}: {first}; "
@@ -152,10 +151,31 @@ def load_table(source: str, cfg: DataConfig):
                         "unpack its image archives so that train.json sits next to train/ (and test.json next to "
                         "test/), and set data.source to that folder (data.format=hpdv2)")
     try:
-        return datasets.load_dataset(source, split=cfg.split, streaming=cfg.streaming)
+        return load_split(source, cfg.split, cfg.streaming)
     except Exception as error:  # offline, private, misspelled: the message should still say what was tried
         raise DataError(f"data.source={source}: no such local path, and loading it as a hub dataset "
                         f"(split={cfg.split!r}) failed: {type(error).__name__}: {error}") from error
+
+
+def load_split(path: str, split: str, streaming: bool, **options):
+    """``datasets.load_dataset(path, split=split, streaming=streaming, **options)``, reading parquet without
+    pre-buffering.
+
+    pyarrow's parquet scan pre-buffers by default and keeps every column chunk it read until the file is done, so
+    converting one 2 GB parquet file to Arrow held 2.2 GB of memory (measured with 16k Pick-a-Pic rows; 0.43 GB
+    with pre-buffering off, and faster). The option changes how the file is read, not what is read, so it is set
+    on the built config and the ``datasets`` cache stays keyed as before.
+    """
+    import datasets
+    import pyarrow.dataset
+
+    builder = datasets.load_dataset_builder(path, **options)
+    if hasattr(builder.config, "fragment_scan_options") and builder.config.fragment_scan_options is None:
+        builder.config.fragment_scan_options = pyarrow.dataset.ParquetFragmentScanOptions(pre_buffer=False)
+    if streaming:
+        return builder.as_streaming_dataset(split=split)
+    builder.download_and_prepare()
+    return builder.as_dataset(split=split)
 
 
 def parquet_files(source: str) -> list[str] | None:

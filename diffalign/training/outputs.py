@@ -15,6 +15,7 @@ import torch
 
 from diffalign.config import Config
 from diffalign.data import SkipReport
+from diffalign.data.shards import gather_json
 from diffalign.training.lora import save_lora, trainable_checksum
 from diffalign.training.model_card import write_model_card
 from diffalign.training.reference import unwrap
@@ -81,8 +82,8 @@ def write_run_outputs(cfg: Config, accelerator, output_dir: Path, components, de
     writes the LoRA (or the ``unet/`` / ``transformer/`` folder of a full fine-tune), the final validation grid
     when validation is on, ``run_info.json`` and the model card; then the trackers are closed."""
     family, model = components.family, unwrap(denoiser)
-    checksums = accelerator.gather_for_metrics([trainable_checksum(model)], use_gather_object=True)
-    peaks = accelerator.gather_for_metrics([peak_rss_mb()], use_gather_object=True)
+    checksums = gather_json(trainable_checksum(model))  # as JSON through tensors: gather_object would pickle
+    peaks = gather_json(peak_rss_mb())
     result = TrainResult(output_dir, end.global_step, end.skipped_steps, end.last_metrics, denoiser=model)
     if accelerator.is_main_process:
         if cfg.lora.enabled:
