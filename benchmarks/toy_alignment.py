@@ -22,7 +22,14 @@ import sys
 import time
 from pathlib import Path
 
-from diffalign.offline.toy_loop import OBJECTIVES, ToySettings, format_table, head_to_head, run_toy_alignment
+from diffalign.offline.toy_loop import (
+    OBJECTIVES,
+    ToySettings,
+    best_online,
+    format_table,
+    head_to_head,
+    run_toy_alignment,
+)
 
 
 def machine() -> str:
@@ -58,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     if any(row.setup == "dpo+npo-guided" for row in rows):
         versus = head_to_head(out / "eval", "dpo+npo-guided", "dpo")
         print(f"\nNPO guidance on top of DPO vs DPO alone (same seeds): win rate {versus.rate:.3f} "
+              f"[{versus.low:.3f}, {versus.high:.3f}], mean reward {versus.mean_aligned:+.4f} vs {versus.mean_base:+.4f}")
+    best = best_online(rows)
+    if best is not None and any(row.setup == "dpo" for row in rows):
+        versus = head_to_head(out / "eval", best, "dpo")
+        print(f"\nbest online method ({best}) vs DPO (same seeds): win rate {versus.rate:.3f} "
               f"[{versus.low:.3f}, {versus.high:.3f}], mean reward {versus.mean_aligned:+.4f} vs {versus.mean_base:+.4f}")
     print("\n| stage | seconds |\n|---|---|")
     for stage, seconds in timings.items():

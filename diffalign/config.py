@@ -30,6 +30,7 @@ from diffalign.config_io import (  # noqa: F401  (re-exported: the config's read
 from diffalign.errors import ConfigError, closest  # noqa: F401  (re-exported)
 from diffalign.guidance.segments import parse_segments
 from diffalign.objectives import available_objectives, get_objective
+from diffalign.online.settings import OnlineConfig, validate_online
 
 
 @dataclass
@@ -163,6 +164,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)  # online objectives (grpo, pref_grpo, nft)
     # Timestep-segment training: one LoRA per entry, then a segments.yaml for load_pipeline(segments=...).
     segments: list[SegmentTrainConfig] = field(default_factory=list)
 
@@ -222,6 +224,10 @@ class Config:
             sections[section] = dataclasses.asdict(get_objective(section).parse_params(values, prefix=f"objective.{section}"))
         self.objective.params = sections
         resolve_reference(self)
+        if get_objective(self.objective.name).data_kind == "prompts":
+            validate_online(self)
+            if self.segments:
+                raise ConfigError(f"segments train offline objectives; objective {self.objective.name} is online")
         return self
 
 
@@ -231,7 +237,13 @@ def resolve_reference(cfg: Config) -> str:
     check_choice("objective.reference", objective_cfg.reference, REFERENCE_STRATEGIES)
     objective = get_objective(objective_cfg.name)
     reference = objective_cfg.reference
-    if not objective.needs_reference:
+    if objective.optional_reference:
+        if reference in ("auto", "none"):
+            return "none"
+        if reference not in ("lora_disabled", "frozen_copy"):
+            raise ConfigError(f"objective '{objective.name}' takes objective.reference=lora_disabled or frozen_copy "
+                              f"(the base its KL term compares with), not {reference}")
+    elif not objective.needs_reference:
         if reference not in ("auto", "none"):
             raise ConfigError(f"objective '{objective.name}' runs no reference pass, so objective.reference={reference} "
                               "has no use; remove it or set objective.reference=none")

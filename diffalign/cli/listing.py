@@ -35,11 +35,12 @@ def format_registry(kind: str, registry: Registry) -> str:
     column = max(map(len, names), default=0) + 4
     lines = [f"{kind} ({len(names)}; chosen with {registry.option})"]
     for entry in registry.entries():
-        wrapped = textwrap.wrap(entry.description, WIDTH - column) or [""]
+        wrapped = textwrap.wrap(entry.description, WIDTH - column, break_on_hyphens=False) or [""]
         lines.append(f"  {entry.name:<{column - 2}}{wrapped[0]}")
         lines += [" " * column + line for line in wrapped[1:]]
         if entry.source:
-            lines += [" " * column + line for line in textwrap.wrap(f"source: {entry.source}", WIDTH - column)]
+            lines += [" " * column + line for line in textwrap.wrap(f"source: {entry.source}", WIDTH - column,
+                                                                     break_on_hyphens=False)]
     return "\n".join(lines)
 
 

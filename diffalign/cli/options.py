@@ -15,7 +15,7 @@ import torch
 from diffalign.errors import ConfigError
 from diffalign.evaluation.prompts import PROMPT_SETS
 from diffalign.guidance import SAMPLERS
-from diffalign.rewards import REWARDS
+from diffalign.rewards import REWARDS, require_scalar
 
 DTYPES = ("float32", "float16", "bfloat16")
 MODEL_HELP = "hub id, diffusers folder or tiny:<model> (diffalign tiny model --help)"
@@ -103,6 +103,7 @@ def reward_flags(args: argparse.Namespace) -> tuple[list[str], dict[str, str], d
     """--reward, --weights and --ensemble-weights, checked before any work: (names, {name: weights path},
     {name: ensemble weight} or None)."""
     names = reward_names(args.reward)
+    require_scalar(names, f"diffalign {getattr(args, 'command', '')}".strip())
     paths = parse_named(args.weights, names, "--weights")
     return names, paths, ensemble_weights(getattr(args, "ensemble_weights", None), names)
 

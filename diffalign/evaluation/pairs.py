@@ -54,6 +54,7 @@ from diffalign.evaluation.pair_selection import (
     select_pairs,
 )
 from diffalign.images import labelled_grid, load_image
+from diffalign.rewards.base import require_scalar
 from diffalign.rewards.ensemble import zscore_ensemble
 from diffalign.text import read_text, text_lines, write_jsonl
 
@@ -230,14 +231,15 @@ def generate_pairs(pipe, prompts: list[str], rewards: dict, settings: PairSettin
         A ``PairsResult``: group and entry counts per view, and the paths of the views, summary.json and the grid.
 
     Raises:
-        ConfigError: bad settings, no reward, weights for unknown rewards, or ``out_dir`` made with another config
-        (without ``overwrite``). DataError: no prompts, or an ``out_dir`` whose records cannot be read.
+        ConfigError: bad settings, no reward, a pairwise reward, weights for unknown rewards, or ``out_dir`` made
+        with another config (without ``overwrite``). DataError: no prompts, or an ``out_dir`` whose records cannot be read.
     """
     settings.validate()
     if not prompts:
         raise DataError("no prompts to generate pairs for")
     if not rewards:
         raise ConfigError("give at least one reward to score the images with")
+    require_scalar(rewards, "diffalign pairs (generate_pairs)")
     unknown = sorted(set(weights or {}) - set(rewards))
     if unknown:
         raise ConfigError(f"ensemble weights given for {unknown}, which are not among the rewards {list(rewards)}")

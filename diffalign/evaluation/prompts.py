@@ -58,6 +58,7 @@ HPSV2_REPO = "zhwang/HPDv2"
 HPSV2_STYLES = ("anime", "concept-art", "paintings", "photo")
 PARTI_SUFFIXES = {".tsv": "csv", ".csv": "csv", ".parquet": "parquet", ".jsonl": "json", ".json": "json"}
 SHIPPED_DESCRIPTIONS = {  # a shipped .txt not named here is listed as "a shipped prompt list"
+    "animals": "45 common animal names: prompts for online RL with an aesthetic reward, in the manner of DDPO's",
     "everyday": "a dozen everyday scenes (photos, paintings): a first look at a real model",
     "shapes": "three shapes on a grey background: the prompts of the tiny preference data",
     "toy": "three bare shape names: the prompts of the toy alignment run (tiny:toy, toy_redness)",

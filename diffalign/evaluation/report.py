@@ -45,6 +45,7 @@ from diffalign.guidance.sample import SampleSettings, sample_to_folder
 from diffalign.guidance.samplers import SAMPLERS as SCHEDULERS
 from diffalign.images import labelled_grid, load_image
 from diffalign.logs import get_logger
+from diffalign.rewards.base import require_scalar
 from diffalign.rewards.scoring import ScoreRow, score_rows
 from diffalign.text import write_jsonl
 
@@ -210,12 +211,13 @@ def run_eval(base: str, setups: dict[str, dict], prompts: list[str], rewards: di
         the paths of scores.jsonl, report.json, report.md, grid.png and winrate.png.
 
     Raises:
-        ConfigError: no reward, a bad confidence or setup. DataError: no prompts.
+        ConfigError: no reward, a pairwise reward, a bad confidence or setup. DataError: no prompts.
     """
     if not prompts:
         raise DataError("no prompts to evaluate on")
     if not rewards:
         raise ConfigError("give at least one reward to compare the setups with")
+    require_scalar(rewards, "diffalign eval (run_eval)")
     if not 0 < confidence < 1:
         raise ConfigError(f"confidence must be in (0, 1), got {confidence}")
     setups = with_base(setups)

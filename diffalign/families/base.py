@@ -74,6 +74,8 @@ class Family:
     per_image_cond_keys: tuple[str, ...] = ()
     # Whether the data path records each image's original size and crop (``image_size``) for ``image_cond``.
     needs_image_sizes: bool = False
+    # Rectified-flow noise (x_t = (1 - t) x0 + t eps, velocity target) instead of a DDPM schedule.
+    flow_matching: bool = False
 
     def load(self, model_cfg, resolved_path: str) -> DiffusionComponents:
         """Load the checkpoint's denoiser, VAE, text encoders, tokenizers and training scheduler.
@@ -174,6 +176,14 @@ class Family:
         ``alpha``, ``sigma`` (from ``noise_levels``, broadcastable to ``x_t``, e.g. (N, 1, 1, 1)). Affine in
         ``pred``, so guidance (weights summing to 1) may be applied to raw predictions before splitting."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def decode_latents(self, components: DiffusionComponents, latents: torch.Tensor) -> torch.Tensor:
+        """Pixels (N, 3, H, W) float32 in [-1, 1] of latents as ``encode_images`` returns them (scaled and
+        shifted), decoded by the VAE in its own dtype, as the pipelines decode."""
+        vae = components.vae
+        unscaled = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
+        return vae.decode(unscaled.to(vae.device, vae.dtype)).sample.float().clamp(-1, 1)
 
     def build_pipeline(self, components: DiffusionComponents, denoiser: torch.nn.Module | None = None):
         """The family's stock diffusers pipeline over ``components`` (with ``denoiser`` in place of the loaded one

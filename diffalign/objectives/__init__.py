@@ -4,7 +4,7 @@ Adding one is one module with a params dataclass, a loss function and a ``regist
 plus an import line here. Shapes and the two kinds of objective: ``diffalign.objectives.base``.
 """
 
-from diffalign.objectives import dpo, kto, mapo, npo, rank_dpo, sdpo, self_npo, sft, smpo  # noqa: F401  (registers them)
+from diffalign.objectives import dpo, kto, mapo, npo, online, rank_dpo, sdpo, self_npo, sft, smpo  # noqa: F401  (registers them)
 from diffalign.objectives.base import (
     OBJECTIVES,
     Objective,

@@ -93,6 +93,8 @@ class Objective:
         step: the training step procedure, by name in ``diffalign.training.steps.STEPS``: ``"errors"``
             (``denoising_errors`` then ``loss_fn``) or one of its own (``"self_npo"``).
         needs_reference: whether a reference model is used (``objective.reference`` cannot be ``none``).
+        optional_reference: the reference is used only when asked for (GRPO's KL term): ``auto`` resolves to
+            none, and ``lora_disabled`` or ``frozen_copy`` may be set explicitly.
         images_per_record: K; None keeps every image of the record (rankings).
         data_kind: what each record must carry: pair | scored_pair | labelled | ranked | images.
         needs_residuals: the "errors" step also passes the detached residuals (B, K, C, h, w).
@@ -107,6 +109,7 @@ class Objective:
     loss_fn: Callable[[ObjectiveInputs, object], ObjectiveOutput] | None = None
     step: str = "errors"
     needs_reference: bool = True
+    optional_reference: bool = False
     images_per_record: int | None = 2
     data_kind: str = "pair"
     needs_residuals: bool = False

@@ -6,7 +6,9 @@
 Every step goes through the same code a user runs: ``diffalign pairs`` (``generate_pairs``) with the registered
 ``toy_redness`` reward, ``diffalign train`` (``train`` on ``configs/toy/<objective>.yaml``) and ``diffalign eval``
 (``run_eval``) on held-out seeds. Objectives that write a *negative* LoRA (npo, self_npo) are evaluated as
-NPO-guided sampling (their LoRA on the unconditional branch of CFG), and NPO also on top of the DPO LoRA.
+NPO-guided sampling (their LoRA on the unconditional branch of CFG), and NPO also on top of the DPO LoRA. The
+online objectives (grpo, pref_grpo, nft) read no pairs: each samples its own rounds from the model it trains,
+scored by the same reward; the best of them is also compared head to head with DPO on the same seeds.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ from diffalign.training.segments import train_segments
 from diffalign.training.trainer import train
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "toy"  # the repository's configs/toy
-OBJECTIVES = ("dpo", "sft", "npo", "sdpo", "mapo", "kto", "smpo", "rank_dpo", "self_npo", "dpo_segments")
+OBJECTIVES = ("dpo", "sft", "npo", "sdpo", "mapo", "kto", "smpo", "rank_dpo", "self_npo", "dpo_segments", "grpo",
+              "pref_grpo", "nft")
+ONLINE = ("grpo", "pref_grpo", "nft")  # sample their own images from the model being trained: no pairs
 NEGATIVE = ("npo", "self_npo")  # write a negative LoRA for the unconditional branch
 PAIRS_VIEW = {"smpo": "scored", "rank_dpo": "ranked", "kto": "kto"}  # everything else trains on pairs
 HELD_OUT_SEED = 1_000_000  # eval seeds start here; pair generation uses seeds below groups * k
@@ -139,8 +143,9 @@ def run_toy_alignment(out_dir: str | Path, objectives: list[str] | tuple[str, ..
     pair_settings = PairSettings(images_per_prompt=settings.images_per_group, seed=seed, steps=settings.steps,
                                  guidance_scale=settings.guidance_scale, batch_size=settings.batch_size)
     group_prompts = [prompts[i % len(prompts)] for i in range(settings.groups)]
-    generate_pairs(load_pipeline(base), group_prompts, rewards, pair_settings, pairs_dir)
-    timings["pairs"] = time.time() - started
+    if any(objective not in ONLINE for objective in objectives):  # online objectives sample their own
+        generate_pairs(load_pipeline(base), group_prompts, rewards, pair_settings, pairs_dir)
+        timings["pairs"] = time.time() - started
 
     seconds = {}
     for objective in objectives:
@@ -158,8 +163,17 @@ def run_toy_alignment(out_dir: str | Path, objectives: list[str] | tuple[str, ..
     summary = {"rows": [asdict(row) for row in rows], "timings": timings, "report": str(report.paths["markdown"])}
     if "dpo+npo-guided" in setups:
         summary["dpo+npo-guided vs dpo"] = head_to_head(out_dir / "eval", "dpo+npo-guided", "dpo").as_dict()
+    best = best_online(rows)
+    if best is not None and "dpo" in setups:
+        summary[f"{best} vs dpo"] = head_to_head(out_dir / "eval", best, "dpo").as_dict()
     (out_dir / "toy_alignment.json").write_text(json.dumps(summary, indent=2) + "\n")
     return rows, timings
+
+
+def best_online(rows: list[ToyRow]) -> str | None:
+    """The online setup with the highest win rate against the base, or None when none was trained."""
+    online = [row for row in rows if row.setup in ONLINE]
+    return max(online, key=lambda row: row.win_rate).setup if online else None
 
 
 def toy_rows(eval_dir: Path, setups: dict[str, dict], seconds: dict[str, float]) -> list[ToyRow]:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from diffalign.errors import ConfigError, DataError
 from diffalign.images import PILLOW_MAX_PIXELS, ImageTooLarge, load_image
 from diffalign.logs import get_logger
+from diffalign.rewards.base import require_scalar
 from diffalign.rewards.ensemble import zscore_ensemble
 from diffalign.text import LineSkips, describe_value, json_problem, text_lines, text_problem
 
@@ -158,6 +159,7 @@ def score_rows(rows: list[ScoreRow], rewards: dict, batch_size: int,
                max_pixels: int | None = PILLOW_MAX_PIXELS) -> list[ScoreRow]:
     """Score every row that has an image and a prompt, in batches; failures go to the row's ``error``. Images
     over ``max_pixels`` pixels (None = no limit) are not decoded: their error says how to raise the limit."""
+    require_scalar(rewards, "scoring images one by one (score_rows)")
     pending = [row for row in rows if row.error is None]
     with tqdm(total=len(pending), desc="scoring", disable=None) as bar:
         for start in range(0, len(pending), batch_size):

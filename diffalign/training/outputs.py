@@ -77,7 +77,8 @@ def peak_rss_mb() -> dict[str, float]:
 
 
 def write_run_outputs(cfg: Config, accelerator, output_dir: Path, components, denoiser: torch.nn.Module,
-                      report: SkipReport, end: LoopEnd, data_stats: dict | None = None) -> TrainResult:
+                      report: SkipReport, end: LoopEnd, data_stats: dict | None = None,
+                      online_stats: dict | None = None) -> TrainResult:
     """All processes call this after the loop (the trained weights already checked finite). The main process
     writes the LoRA (or the ``unet/`` / ``transformer/`` folder of a full fine-tune), the final validation grid
     when validation is on, ``run_info.json`` and the model card; then the trackers are closed."""
@@ -108,6 +109,7 @@ def write_run_outputs(cfg: Config, accelerator, output_dir: Path, components, de
             "peak_rss_mb_workers": [peak["children"] for peak in peaks],  # its largest finished DataLoader worker
             "data": {"kept": report.kept, "skipped": dict(report.skipped)},
             "data_build": data_stats or {},  # the check and cache pass: seconds, bytes, images per process
+            **({"online": online_stats} if online_stats is not None else {}),  # rounds, first / last rewards
             "final_metrics": end.last_metrics,
         }
         (output_dir / "run_info.json").write_text(json.dumps(run_info, indent=2))

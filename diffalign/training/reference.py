@@ -45,6 +45,11 @@ def unwrap(model):
     return getattr(model, "module", model)
 
 
+def decay_at(decay, step: int) -> float:
+    """An EMA's decay: a constant, or a schedule ``step -> decay`` (DiffusionNFT's old policy ramps it up)."""
+    return float(decay(step)) if callable(decay) else decay
+
+
 class LoraDisabledReference:
     name = "lora_disabled"
 
@@ -100,7 +105,7 @@ class EmaReference(FrozenCopyReference):
     def update(self, policy, step: int) -> None:
         if step % self.every:
             return
-        self.ema.update(dict(unwrap(policy).named_parameters()), self.decay)
+        self.ema.update(dict(unwrap(policy).named_parameters()), decay_at(self.decay, step))
 
     def state_dict(self) -> dict:
         """The copy's whole state by name (its buffers too, e.g. SD3's positional embedding)."""
@@ -143,7 +148,7 @@ class LoraEmaReference:
     def update(self, policy, step: int) -> None:
         if step % self.every:
             return
-        self.ema.update(self.trainable(policy), self.decay)
+        self.ema.update(self.trainable(policy), decay_at(self.decay, step))
 
     def state_dict(self) -> dict:
         return self.ema.state_dict()

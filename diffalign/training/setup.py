@@ -33,8 +33,10 @@ from diffalign.errors import ConfigError
 from diffalign.families import load_components
 from diffalign.families.base import DiffusionComponents
 from diffalign.logs import get_logger
-from diffalign.objectives.base import Objective
+from diffalign.objectives.base import Objective, get_objective
 from diffalign.offline.specs import resolve_data_spec
+from diffalign.online.rounds import OnlineRounds
+from diffalign.online.settings import trained_steps
 from diffalign.training import checkpoint as ckpt
 from diffalign.training.checkpoint import TrainingParts
 from diffalign.training.lora import attach_lora
@@ -63,11 +65,19 @@ def build_accelerator(cfg: Config, output_dir: Path) -> Accelerator:
     AcceleratorState._reset_state()
     GradientState._reset_state()
     return Accelerator(
-        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        gradient_accumulation_steps=micro_steps_per_update(cfg),
         mixed_precision=cfg.train.mixed_precision,
         log_with=None if cfg.log.report_to == "none" else cfg.log.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
+
+
+def micro_steps_per_update(cfg: Config) -> int:
+    """Micro-steps (backward passes) per optimizer step: ``train.gradient_accumulation_steps``, times the trained
+    steps of a sample for online objectives (each micro-step trains one step of every sample in its batch)."""
+    if get_objective(cfg.objective.name).data_kind == "prompts":
+        return cfg.train.gradient_accumulation_steps * trained_steps(cfg.online)
+    return cfg.train.gradient_accumulation_steps
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -134,25 +144,41 @@ class DataSetup:
     pin_memory: bool = False
     stats: dict = dataclasses.field(default_factory=dict)  # the build's figures, for run_info.json
     stream: StreamData | None = None  # data.streaming=true
+    online: OnlineRounds | None = None  # online objectives: rounds sampled from the model, no dataset
 
-    def batches(self, micro_step: int, stream_state: dict | None = None) -> Iterator[dict]:
+    def batches(self, micro_step: int, resumed: dict | None = None) -> Iterator:
         """This process's collated batches from ``micro_step`` on, through a DataLoader: epoch e is a permutation
         seeded by (seed, e), so a resumed run reads what an uninterrupted one would have (``MicroStepBatches``).
-        A stream continues from this process's saved position instead."""
+        A stream continues from this process's saved position instead; online runs get one work item per
+        micro-step. ``resumed``: the resumed checkpoint's ``training_state.json``, or None."""
+        resumed = resumed or {}
+        if self.online is not None:
+            return self.online.batches(micro_step, resumed.get("online"))
         if self.stream is not None:
-            return self.stream.batches(self.stream.resume(stream_state))
+            return self.stream.batches(self.stream.resume(resumed.get("stream")))
         sampler = MicroStepBatches(len(self.dataset), self.batch_size, self.num_processes, self.process_index,
                                    self.seed, start=micro_step)
         return iter(torch.utils.data.DataLoader(
             self.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers,
             pin_memory=self.pin_memory, prefetch_factor=2 if self.num_workers else None))
 
+    def checkpoint_state(self) -> dict:
+        """What a checkpoint keeps of the data's position: a stream's place, or the online rounds' statistics."""
+        if self.online is not None:
+            return {"online": self.online.state()}
+        return {"stream": self.stream.state()} if self.stream is not None else {}
+
 
 def setup_data(cfg: Config, accelerator: Accelerator, components: DiffusionComponents, objective: Objective,
-               step: StepProcedure) -> DataSetup:
+               step: StepProcedure, params: object = None, weight_dtype: torch.dtype = torch.float32) -> DataSetup:
     """Build (or reuse) the record index and feature cache, every process encoding its share and failing before
     any step when the data lacks what the objective needs; then encode the empty prompt when the step procedure
     or prompt dropout uses it."""
+    if objective.data_kind == "prompts":  # online: every round is sampled from the model being trained
+        rounds = OnlineRounds(cfg, accelerator, components, objective, params, weight_dtype,
+                              Path(cfg.train.output_dir))
+        return DataSetup(None, SkipReport(), cfg.train.batch_size, accelerator.num_processes,
+                         accelerator.process_index, cfg.train.seed, None, None, online=rounds)
     with accelerator.main_process_first():  # the main process builds tiny data; the rest reuse it
         source = resolve_data_spec(cfg.data.source)
     needs_empty = cfg.data.prompt_dropout > 0 or step.needs_empty_cond
@@ -195,7 +221,7 @@ class Optimization:
     run_settings: dict  # the settings a checkpoint's tensors depend on (checkpoint.run_settings)
     global_step: int = 0  # where the run starts: 0, or the resumed checkpoint's step
     skipped_steps: int = 0
-    stream_state: dict | None = None  # data.streaming=true: every process's place in its stream, skips so far
+    resumed_state: dict | None = None  # the resumed checkpoint's training_state.json (stream place, online stats)
 
 
 def setup_optimization(cfg: Config, accelerator: Accelerator, model: ModelSetup, output_dir: Path) -> Optimization:
@@ -222,8 +248,8 @@ def resume(cfg: Config, accelerator: Accelerator, optim: Optimization, output_di
         return
     state = ckpt.load_checkpoint(accelerator, resume_from, optim.parts, optim.run_settings)
     optim.global_step, optim.skipped_steps = state["global_step"], state["skipped_steps"]
-    optim.stream_state = state.get("stream")
-    accelerator.step = optim.global_step * cfg.train.gradient_accumulation_steps
+    optim.resumed_state = state
+    accelerator.step = optim.global_step * accelerator.gradient_accumulation_steps
     logger.info(f"resumed from {resume_from} at step {optim.global_step}")
     # The optimizer and scheduler state carry the lr they were saved with; the config's lr is the one to use.
     learning_rate = effective_learning_rate(cfg.train, accelerator.num_processes)
@@ -252,8 +278,10 @@ def log_run_summary(cfg: Config, accelerator: Accelerator, objective: Objective,
         f"  Objective = {objective.name} (step procedure: {objective.step})",
         f"  Reference = {model.reference_strategy}",
         f"  Records = {len(data.dataset)} for training ({data.report.kept} kept, "
-        f"{data.report.total_skipped} skipped while reading)" if data.stream is None else
-        "  Records = streamed (data.streaming=true): checked as they arrive",
+        f"{data.report.total_skipped} skipped while reading)" if data.dataset is not None else
+        "  Records = streamed (data.streaming=true): checked as they arrive" if data.stream is not None else
+        f"  Online rounds = {cfg.online.prompts_per_round} prompts x {cfg.online.group_size} images, "
+        f"{data.online.updates_per_round} optimizer step(s) each; prompts from {cfg.online.prompts}",
         f"  Processes = {accelerator.num_processes}",
         f"  Batch size per process = {per_process}",
         f"  Gradient accumulation steps = {accumulation}",

@@ -8,8 +8,10 @@ Every micro-step the loop builds a ``StepContext`` and calls the objective's ste
   the K*B latents, one reference forward under no_grad) then ``objective.loss_fn`` on the (B, K) errors.
 - ``"self_npo"`` (registered by ``diffalign.training.self_npo``): teacher DDIM steps, re-noising and a loss in x0
   space (G-U-N/Diffusion-NPO, Self-NPO).
+- ``"grpo"`` and ``"nft"`` (registered by ``diffalign.online.steps``): online RL; the step samples a round from the
+  model at the round's first micro-step, scores it, and trains on it (``context.online``, ``context.work``).
 
-A new procedure (an online RL method that samples, scores and then computes its loss, say) is a function
+A new procedure is a function
 ``run(context) -> ObjectiveOutput`` registered here with ``STEPS.register(name, StepProcedure(run, ...),
 description=..., source=...)``, and an objective that names it in ``Objective(step=name)``.
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -46,7 +49,8 @@ class StepContext:
         family, components: the model family and the loaded pipeline parts.
         model: the trained denoiser, possibly DDP-wrapped: its forward is the one with gradients.
         reference: the reference strategy (``training.reference``), or None for ``objective.reference=none``.
-        latents: (B, K, C, h, w) in the training dtype; for pairs column 0 is the preferred image.
+        latents: (B, K, C, h, w) in the training dtype; for pairs column 0 is the preferred image (None for online
+            objectives, whose images are sampled by the step itself).
         cond: the family's conditioning, per record (B, ...) plus per-image entries (B, K, ...) such as
             SDXL's time ids (``family.per_image_cond_keys``); prompt dropout is already applied.
         empty_cond: the empty prompt's conditioning, a batch of one; set when the procedure declares
@@ -57,6 +61,8 @@ class StepContext:
         device: where the model runs.
         timesteps: ``train.timesteps`` (interval, density, weighting), for procedures that sample timesteps.
         global_mean: tensor -> its mean over the global batch (all processes), e.g. KTO's reference point.
+        online, work: for online objectives (data kind ``prompts``), the rounds and this micro-step's work item
+            (``diffalign.online.rounds``); None otherwise.
     """
 
     objective: Objective
@@ -65,8 +71,8 @@ class StepContext:
     components: DiffusionComponents
     model: torch.nn.Module
     reference: Reference | None
-    latents: torch.Tensor
-    cond: dict[str, torch.Tensor]
+    latents: torch.Tensor | None
+    cond: dict[str, torch.Tensor] | None
     empty_cond: dict[str, torch.Tensor] | None
     labels: torch.Tensor | None
     scores: torch.Tensor | None
@@ -74,6 +80,8 @@ class StepContext:
     device: torch.device
     timesteps: TimestepConfig | None = None
     global_mean: Callable[[torch.Tensor], torch.Tensor] = local_mean
+    online: Any = None  # online objectives: the run's ``OnlineRounds`` (rounds sampled from the model)
+    work: Any = None  # ... and this micro-step's ``WorkItem`` (round, inner epoch, batch position, trained slot)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ from tqdm.auto import tqdm
 from diffalign.config import Config
 from diffalign.errors import TrainingStopped
 from diffalign.objectives import Objective, get_objective
+from diffalign.online import steps as online_steps  # noqa: F401  (registers the "grpo" and "nft" step procedures)
+from diffalign.online.settings import check_round_layout
 from diffalign.training import checkpoint as ckpt
 from diffalign.training import self_npo  # noqa: F401  (registers the "self_npo" step procedure)
 from diffalign.training.metrics import MetricWindow
@@ -61,8 +63,9 @@ def train(cfg: Config) -> TrainResult:
             accelerator.wait_for_everyone()
             check_final_weights(accelerator, run.optim.trainable, output_dir)
             report = run.data.report if run.data.stream is None else run.data.stream.summed_report()
+            online = run.data.online.summary() if run.data.online is not None else None
             return write_run_outputs(cfg, accelerator, output_dir, run.model.components, run.optim.denoiser,
-                                     report, end, run.data.stats)
+                                     report, end, run.data.stats, online)
     finally:
         if lock is not None:
             release_run_lock(lock)
@@ -82,10 +85,16 @@ class Run:
     data: DataSetup
     optim: Optimization
 
-    def step_context(self, batch: dict, generator: torch.Generator) -> StepContext:
+    def step_context(self, batch, generator: torch.Generator) -> StepContext:
         """The step procedure's input for one collated batch: latents and conditioning (prompt dropout drawn
-        from ``generator``), labels and scores on the device."""
+        from ``generator``), labels and scores on the device; for online objectives, the micro-step's work item
+        and the rounds it draws on."""
         components, device = self.model.components, self.accelerator.device
+        if self.data.online is not None:
+            return StepContext(
+                objective=self.objective, params=self.params, family=components.family, components=components,
+                model=self.optim.denoiser, reference=self.model.reference, latents=None, cond=None, empty_cond=None,
+                labels=None, scores=None, generator=generator, device=device, online=self.data.online, work=batch)
         latents, cond = batch_tensors(batch, components.family, components, device, self.model.weight_dtype,
                                       self.data.dropout_cond, self.cfg.data.prompt_dropout, generator)
         return StepContext(
@@ -102,11 +111,13 @@ def setup_run(cfg: Config, accelerator: Accelerator, output_dir: Path) -> Run:
     objective = get_objective(cfg.objective.name)
     params = objective.parse_params(cfg.objective.selected)
     step = STEPS.get(objective.step)
+    if objective.data_kind == "prompts":  # sizes that cannot divide over the processes: refused before loading
+        check_round_layout(cfg, accelerator.num_processes)
     torch.manual_seed(cfg.train.seed)
     if cfg.train.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     model = setup_model(cfg, accelerator, objective, params)
-    data = setup_data(cfg, accelerator, model.components, objective, step)
+    data = setup_data(cfg, accelerator, model.components, objective, step, params, model.weight_dtype)
     optim = setup_optimization(cfg, accelerator, model, output_dir)
     start_run_folder(cfg, accelerator, output_dir)
     log_run_summary(cfg, accelerator, objective, model, data, optim)
@@ -118,12 +129,12 @@ def training_loop(run: Run) -> LoopEnd:
     cfg, accelerator, optim, model = run.cfg, run.accelerator, run.optim, run.optim.denoiser
     guard = NonFiniteGuard(accelerator, optim.trainable, cfg.train, run.output_dir, optim.skipped_steps)
     window, clock = MetricWindow(accelerator), RunClock(optim.global_step)
-    global_step, micro_step = optim.global_step, optim.global_step * cfg.train.gradient_accumulation_steps
+    global_step, micro_step = optim.global_step, optim.global_step * accelerator.gradient_accumulation_steps
     checkpoint_due, last_metrics = False, {}
     progress = tqdm(total=cfg.train.max_steps, initial=global_step, desc="training",
                     disable=not accelerator.is_main_process)
     model.train()
-    batches = run.data.batches(micro_step, optim.stream_state)
+    batches = run.data.batches(micro_step, optim.resumed_state)
     try:  # the bar is closed however the loop ends, so an error or Ctrl-C message starts on its own line
         while global_step < cfg.train.max_steps:
             batch = next(batches)
@@ -155,9 +166,8 @@ def training_loop(run: Run) -> LoopEnd:
             if cfg.log.validation_every_n_steps and global_step % cfg.log.validation_every_n_steps == 0:
                 log_validation(accelerator, run.model.components, unwrap(model), cfg, global_step, run.output_dir)
             if checkpoint_due and not guard.consecutive_bad and global_step < cfg.train.max_steps:
-                state = {"global_step": global_step, "skipped_steps": guard.skipped_steps, "run": optim.run_settings}
-                if run.data.stream is not None:
-                    state["stream"] = run.data.stream.state()
+                state = {"global_step": global_step, "skipped_steps": guard.skipped_steps, "run": optim.run_settings,
+                         **run.data.checkpoint_state()}
                 ckpt.save_checkpoint(accelerator, run.output_dir, global_step, state, cfg.train.checkpoints_total_limit,
                                      optim.parts)
                 checkpoint_due = False
