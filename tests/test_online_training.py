@@ -187,3 +187,15 @@ def test_kill_9_and_resume_give_the_uninterrupted_lora(tmp_path, objective, extr
     assert [r["round"] for r in rounds(killed)] == list(range(12))  # rounds after the checkpoint logged once
     for full_round, resumed_round in zip(rounds(tmp_path / "full"), rounds(killed)):
         assert full_round["reward"] == resumed_round["reward"]
+
+
+def test_a_nonfinite_reward_counts_as_its_groups_mean_and_is_reported():
+    from diffalign.online.rounds import neutralise_nonfinite
+
+    metrics = {}
+    total = torch.tensor([1.0, float("nan"), 3.0, 5.0, float("inf"), float("nan")], dtype=torch.float64)
+    fixed = neutralise_nonfinite(total, 3, metrics)
+    assert fixed.tolist() == [1.0, 2.0, 3.0, 5.0, 5.0, 5.0] and metrics["nonfinite_rewards"] == 3
+    clean = {}
+    assert neutralise_nonfinite(torch.tensor([1.0, 2.0], dtype=torch.float64), 2, clean).tolist() == [1.0, 2.0]
+    assert clean["nonfinite_rewards"] == 0

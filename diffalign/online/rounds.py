@@ -272,7 +272,8 @@ class OnlineRounds:
             preferences = self.accelerator.gather(preferences.to(device)).cpu()
             total = torch.zeros(self.prompts_per_round * self.group_size, dtype=torch.float64)
         else:
-            total = sum(self.weights[name] * gathered[name] for name in self.rewards)
+            total = neutralise_nonfinite(sum(self.weights[name] * gathered[name] for name in self.rewards),
+                                         self.group_size, metrics)
             metrics["reward"] = float(total.mean())
             metrics["reward_std"] = float(total.std(unbiased=False))
             spread = total.view(-1, self.group_size).std(dim=1, unbiased=False)
@@ -332,6 +333,24 @@ class OnlineRounds:
                 "last_round": {k: rounds[-1][k] for k in keys} if rounds else {},
                 "seconds": {part: round(sum(r.get(f"seconds_{part}", 0.0) for r in rounds), 2)
                             for part in ("sampling", "scoring", "training")}}
+
+
+def neutralise_nonfinite(total: torch.Tensor, group_size: int, metrics: dict) -> torch.Tensor:
+    """An image whose reward is NaN or inf (a reward model's failure) gets its group's mean of the finite rewards
+    (0 when none is), so it carries no advantage instead of poisoning the round; counted in
+    ``metrics["nonfinite_rewards"]`` and logged."""
+    bad = ~torch.isfinite(total)
+    metrics["nonfinite_rewards"] = float(bad.sum())
+    if not bad.any():
+        return total
+    grouped, bad_groups = total.clone().view(-1, group_size), bad.view(-1, group_size)
+    finite = torch.where(bad_groups, torch.zeros_like(grouped), grouped)
+    counts = (~bad_groups).sum(dim=1, keepdim=True)
+    means = finite.sum(dim=1, keepdim=True) / counts.clamp(min=1)
+    grouped = torch.where(bad_groups, means.expand_as(grouped), grouped)
+    logger.warning(f"online round: {int(bad.sum())} of {total.numel()} images got a non-finite reward; they count "
+                   "as their group's mean (no advantage)")
+    return grouped.flatten()
 
 
 def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
