@@ -1,7 +1,10 @@
 """Shared fixtures: a per-session cache for tiny models, tiny data and features, and small train configs."""
 
 import os
+import signal
+import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -62,3 +65,23 @@ def assert_cached_and_uncached_train_alike(config: str, tmp_path, **extra) -> No
         metrics[cache] = result.metrics
     for name in ("policy_mse_w", "policy_mse_l", "loss"):
         assert metrics["true"][name] == pytest.approx(metrics["false"][name], rel=1e-4, abs=1e-6), name
+
+
+def kill_and_resume(command, full: Path, killed: Path, checkpoint: str) -> subprocess.CompletedProcess:
+    """Run ``command(run, **overrides)`` (a ``diffalign train`` command line) to the end into ``full``; run it again
+    into ``killed`` and SIGKILL it once ``checkpoint`` exists there; then resume it with ``train.resume=latest``.
+    Every part runs in a fresh process with one thread, so the arithmetic is the same. Returns the resumed run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(command(full), cwd=ROOT, env=env, check=True, capture_output=True)
+    child = subprocess.Popen(command(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / checkpoint).is_dir() and time.time() < deadline:
+        assert child.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert not (killed / "pytorch_lora_weights.safetensors").exists()
+    resumed = subprocess.run(command(killed, **{"train.resume": "latest"}), cwd=ROOT, env=env, check=True,
+                             capture_output=True, text=True)
+    assert "resumed from" in resumed.stdout
+    return resumed

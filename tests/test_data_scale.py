@@ -2,18 +2,14 @@
 resume, training killed with SIGKILL and resumed, Pick-a-Pic's are_different, decoding in worker processes."""
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import ROOT, tiny_overrides
+from conftest import ROOT, kill_and_resume, tiny_overrides
 from safetensors.torch import load_file
 from test_readers import BLUE, RED, color_of, image_bytes
 
@@ -199,20 +195,7 @@ def test_training_killed_with_sigkill_resumes_to_the_uninterrupted_lora(tmp_path
         return [sys.executable, "-m", "diffalign", "train", str(ROOT / "configs/tiny_dpo.yaml"),
                 *tiny_overrides(run, **overrides, **extra)]
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(command(tmp_path / "full"), cwd=ROOT, env=env, check=True, capture_output=True)
     killed = tmp_path / "killed"
-    child = subprocess.Popen(command(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (killed / "checkpoint-8").is_dir() and time.time() < deadline:
-        assert child.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.02)
-    os.kill(child.pid, signal.SIGKILL)
-    child.wait()
-    assert not (killed / "pytorch_lora_weights.safetensors").exists()
-    resumed = subprocess.run(command(killed, **{"train.resume": "latest"}), cwd=ROOT, env=env, check=True,
-                             capture_output=True, text=True)
-    assert "resumed from" in resumed.stdout
+    kill_and_resume(command, tmp_path / "full", killed, "checkpoint-8")
     assert json.loads((killed / "run_info.json").read_text())["global_step"] == 40
     assert_same_lora(lora(tmp_path / "full"), lora(killed))

@@ -3,15 +3,13 @@ resume after kill -9, the run folder (rounds, reward curve, run_info), and the r
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, tiny_overrides
+from conftest import ROOT, kill_and_resume, tiny_overrides
 from safetensors.torch import load_file
 
 from diffalign.config import load_config
@@ -128,25 +126,23 @@ def test_pref_grpo_with_a_pairwise_judge_scores_win_rates(tmp_path):
 
 
 def test_two_processes_gather_the_same_group_statistics_as_one(tmp_path):
-    """Round 0 sampled by 2 processes (each half of every group's images... here, whole groups split) gives the
+    """Round 0 of 3 groups of 4 images sampled by 2 processes (6 images each: the middle group spans both) gives the
     same gathered rewards and advantage spread as 1 process: image k's chain depends on its seed only."""
-    single = train(online_cfg(tmp_path, "grpo", "one", **{"train.max_steps": 1, "online.group_size": 4,
-                                                          "train.batch_size": 2, "train.gradient_accumulation_steps": 4,
-                                                          "train.checkpointing_steps": 1}))
+    layout = {"train.max_steps": 1, "online.prompts_per_round": 3, "online.group_size": 4, "train.batch_size": 2,
+              "train.checkpointing_steps": 1}
+    single = train(online_cfg(tmp_path, "grpo", "one", **layout, **{"train.gradient_accumulation_steps": 6}))
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     two = tmp_path / "two"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                str(ROOT / "scripts" / "train.py"), "--config", str(CONFIG),
-               *online_overrides(two, "grpo", **{"train.max_steps": 1, "online.group_size": 4, "train.batch_size": 2,
-                                                 "train.gradient_accumulation_steps": 2,
-                                                 "train.checkpointing_steps": 1})]
+               *online_overrides(two, "grpo", **layout, **{"train.gradient_accumulation_steps": 3})]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert completed.returncode == 0, completed.stderr[-3000:]
     one_round, two_round = rounds(single.output_dir)[0], rounds(two)[0]
     for key in ("reward", "reward_std", "advantage_std", "advantage_abs_mean"):
         assert two_round[key] == pytest.approx(one_round[key], rel=1e-5, abs=1e-7), key
-    # one update over the same 8 images (1 process x 4 micro-batches, or 2 x 2 averaged by DDP): the same LoRA, up
+    # one update over the same 12 images (1 process x 6 micro-batches, or 2 x 3 averaged by DDP): the same LoRA, up
     # to rounding: Adam's first step is lr * g / (|g| + eps), which turns the summation order of a near-zero
     # gradient element into up to ~1% of lr (1e-3); a different update would move elements by ~lr
     a = load_file(str(single.output_dir / "pytorch_lora_weights.safetensors"))
@@ -165,21 +161,8 @@ def test_kill_9_and_resume_give_the_uninterrupted_lora(tmp_path, objective, extr
     def command(run: Path, **more) -> list[str]:
         return [sys.executable, "-m", "diffalign", "train", str(CONFIG), *online_overrides(run, objective, **overrides, **more)]
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(command(tmp_path / "full"), cwd=ROOT, env=env, check=True, capture_output=True)
     killed = tmp_path / "killed"
-    child = subprocess.Popen(command(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (killed / "checkpoint-6").is_dir() and time.time() < deadline:
-        assert child.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.02)
-    os.kill(child.pid, signal.SIGKILL)
-    child.wait()
-    assert not (killed / "pytorch_lora_weights.safetensors").exists()
-    resumed = subprocess.run(command(killed, **{"train.resume": "latest"}), cwd=ROOT, env=env, check=True,
-                             capture_output=True, text=True)
-    assert "resumed from" in resumed.stdout
+    kill_and_resume(command, tmp_path / "full", killed, "checkpoint-6")
     a = load_file(str(tmp_path / "full" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(killed / "pytorch_lora_weights.safetensors"))
     for key in a:

@@ -18,7 +18,7 @@ def test_read_prompts_from_string_file_jsonl_and_set(tmp_path):
     (tmp_path / "p.jsonl").write_text('{"prompt": "x", "file_name": "a.png"}\n{"prompt": "y"}\n')
     assert read_prompts(prompts_file=str(tmp_path / "p.jsonl")) == ["x", "y"]
     assert read_prompts(prompt_set="shapes")[0] == "a square on a grey background"
-    with pytest.raises(ValueError, match="shipped sets: everyday, shapes"):
+    with pytest.raises(ValueError, match="shipped sets: animals, everyday, shapes"):
         read_prompts(prompt_set="nope")
     with pytest.raises(ValueError, match="exactly one"):
         read_prompts(prompt="a", prompt_set="shapes")

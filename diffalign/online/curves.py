@@ -4,7 +4,9 @@ Top panel: every reward's round mean against the optimizer step, the trained one
 (``online.monitor_rewards``, never trained on) dashed, each as its change since the first round, so rewards on
 different scales share one axis. Reward hacking reads as a trained reward that keeps rising while the monitors
 fall or stay flat. Bottom panel: the spread of the trained reward (std over the round) and the share of groups
-with no spread at all: when every group's images score alike, the advantages vanish and learning stops.
+with no spread at all, and the mean |advantage| (NFT: the std of its optimality r). When every group's images
+score alike, the advantages vanish and learning stops; a spread collapsing while the reward still rises is the
+other face of reward hacking (every image driven to the same reward-maximising picture).
 """
 
 from __future__ import annotations
@@ -40,7 +42,10 @@ def reward_curve(rounds_file: str | Path, path: str | Path) -> Path:
     if rounds and "reward_std" in rounds[0]:
         bottom.plot(steps, [r["reward_std"] for r in rounds], label="reward std (round)")
         bottom.plot(steps, [r["zero_std_groups"] for r in rounds], label="groups with no spread (share)")
-    bottom.plot(steps, [r.get("advantage_abs_mean", float("nan")) for r in rounds], label="mean |advantage|")
+    if rounds and "optimality_std" in rounds[0]:  # NFT: the spread of the optimality probabilities r
+        bottom.plot(steps, [r["optimality_std"] for r in rounds], label="std of NFT's r")
+    else:
+        bottom.plot(steps, [r.get("advantage_abs_mean", float("nan")) for r in rounds], label="mean |advantage|")
     bottom.set_xlabel("optimizer step")
     bottom.legend(fontsize="small")
     figure.tight_layout()
