@@ -224,8 +224,9 @@ class Config:
             sections[section] = dataclasses.asdict(get_objective(section).parse_params(values, prefix=f"objective.{section}"))
         self.objective.params = sections
         resolve_reference(self)
-        if get_objective(self.objective.name).data_kind == "prompts":
-            validate_online(self)
+        objective = get_objective(self.objective.name)
+        if objective.data_kind == "prompts":
+            validate_online(self, objective.step)
             if self.segments:
                 raise ConfigError(f"segments train offline objectives; objective {self.objective.name} is online")
         return self

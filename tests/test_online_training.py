@@ -13,8 +13,8 @@ from conftest import ROOT, kill_and_resume, tiny_overrides
 from safetensors.torch import load_file
 
 from diffalign.config import load_config
-from diffalign.errors import ConfigError
-from diffalign.online.settings import check_round_layout
+from diffalign.errors import ConfigError, DiffalignError
+from diffalign.online.settings import check_online, check_round_layout
 from diffalign.training.trainer import train
 
 ONLINE = {"online.rewards": "{toy_redness: 1.0}", "online.prompts": "shapes", "online.prompts_per_round": 2,
@@ -182,3 +182,30 @@ def test_a_nonfinite_reward_counts_as_its_groups_mean_and_is_reported():
     clean = {}
     assert neutralise_nonfinite(torch.tensor([1.0, 2.0], dtype=torch.float64), 2, clean).tolist() == [1.0, 2.0]
     assert clean["nonfinite_rewards"] == 0
+
+
+def test_config_mistakes_a_user_makes_are_refused_or_understood(tmp_path):
+    assert online_cfg(tmp_path, "grpo", **{"online.rewards": "toy_redness"}).online.rewards == {"toy_redness": 1.0}
+    listed = online_cfg(tmp_path, "grpo", **{"online.rewards": "[toy_redness, clip]"}).online.rewards
+    assert listed == {"toy_redness": 1.0, "clip": 1.0}
+    with pytest.raises(ConfigError, match="must be a finite number"):
+        online_cfg(tmp_path, "grpo", **{"online.rewards": "{toy_redness: true}"})
+    with pytest.raises(ConfigError, match="only nft trains from a deterministic sampler"):
+        online_cfg(tmp_path, "grpo", **{"online.eta": 0.0})
+    assert online_cfg(tmp_path, "nft", **{"online.eta": 0.0}).online.eta == 0.0
+    # checked before the model loads: a missing prompts file, an unknown or misplaced reward
+    for extra, message in [({"online.prompts": str(tmp_path / "missing.txt")}, "missing.txt"),
+                           ({"online.rewards": "{toy_rednes: 1.0}"}, "online.rewards: unknown reward 'toy_rednes'. "
+                                                                    "Did you mean 'toy_redness'"),
+                           ({"online.monitor_rewards": "[toy_redness_judge]"}, "monitors are scalar rewards")]:
+        with pytest.raises(DiffalignError, match=message):  # a missing file is a MissingFile
+            check_online(online_cfg(tmp_path, "grpo", **extra), 1)
+
+
+def test_pref_grpo_with_a_judge_logs_the_spread_of_its_win_rates(tmp_path):
+    result = train(online_cfg(tmp_path, "pref_grpo", **{"online.rewards": "{toy_redness_judge: 1.0}",
+                                                         "train.max_steps": 1}))
+    record = rounds(result.output_dir)[0]
+    assert 0 < record["win_rate_std"] <= 0.5 and 0 <= record["zero_std_groups"] <= 1
+    card = (result.output_dir / "README.md").read_text()
+    assert "online: 1 rounds of 8 images sampled from the model" in card and "records used" not in card

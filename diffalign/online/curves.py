@@ -19,6 +19,7 @@ def reward_curve(rounds_file: str | Path, path: str | Path) -> Path:
     """Draw the chart for the rounds in ``rounds_file`` (one JSON object per line) into ``path`` (PNG)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     rounds = [json.loads(line) for line in Path(rounds_file).read_text().splitlines() if line.strip()]
     figure = Figure(figsize=(7, 5.5), dpi=100)
@@ -47,6 +48,9 @@ def reward_curve(rounds_file: str | Path, path: str | Path) -> Path:
     else:
         bottom.plot(steps, [r.get("advantage_abs_mean", float("nan")) for r in rounds], label="mean |advantage|")
     bottom.set_xlabel("optimizer step")
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole, even over a few rounds
+    for axes in (top, bottom):
+        axes.ticklabel_format(axis="y", useOffset=False)
     bottom.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(path)

@@ -26,12 +26,11 @@ import torch
 from PIL import Image
 
 from diffalign.errors import ConfigError
-from diffalign.evaluation.prompts import load_prompts
 from diffalign.logs import get_logger
 from diffalign.objectives.online import ScoredRound
-from diffalign.online.advantages import pair_indices, preferences_from_pairs
+from diffalign.online.advantages import pair_indices, preferences_from_pairs, win_rates
 from diffalign.online.sampling import SamplerSettings, Trajectory, sample_trajectory, sampling_grid
-from diffalign.online.settings import check_round_layout, trained_steps
+from diffalign.online.settings import check_online, round_layout, trained_steps
 from diffalign.rewards.base import PairwiseRewardModel, build_reward, is_pairwise
 
 logger = get_logger(__name__)
@@ -92,7 +91,8 @@ class OnlineRounds:
         self.rank, self.processes = accelerator.process_index, accelerator.num_processes
         self.group_size, self.prompts_per_round = online.group_size, online.prompts_per_round
         self.batch_size, self.seed = train.batch_size, train.seed
-        self.per_process, self.batches_per_epoch, self.updates_per_round = check_round_layout(cfg, self.processes)
+        self.per_process, self.batches_per_epoch, self.updates_per_round = round_layout(
+            online, train.batch_size, train.gradient_accumulation_steps, self.processes)
         self.trained = trained_steps(online)
         self.inner_epochs = online.inner_epochs
         self.micro_steps_per_round = online.inner_epochs * self.batches_per_epoch * self.trained
@@ -100,10 +100,8 @@ class OnlineRounds:
         self.sampler = SamplerSettings(online.sample_steps, online.guidance_scale, online.eta, online.noise_level,
                                        window)
         self.grid = sampling_grid(self.family, components, online.sample_steps)
-        self.prompt_list = load_prompts(online.prompts, limit=online.max_prompts)
-        if not self.prompt_list:
-            raise ConfigError(f"online.prompts={online.prompts} holds no prompts")
-        self.rewards, self.judge = self.build_rewards(online, objective.name, accelerator.device)
+        self.prompt_list = check_online(cfg, self.processes)
+        self.rewards, self.judge = self.build_rewards(online, accelerator.device)
         self.monitors = {name: build_reward(name, weights=online.reward_weights.get(name), device=accelerator.device)
                          for name in online.monitor_rewards}
         if self.judge is not None and self.per_process % self.group_size:
@@ -118,18 +116,10 @@ class OnlineRounds:
 
     # -- setup ----------------------------------------------------------------------------------------------
     @staticmethod
-    def build_rewards(online, objective: str, device) -> tuple[dict, PairwiseRewardModel | None]:
-        """The scalar rewards by name, and the pairwise judge (Pref-GRPO with a pairwise reward model)."""
+    def build_rewards(online, device) -> tuple[dict, PairwiseRewardModel | None]:
+        """The scalar rewards by name, and the pairwise judge (Pref-GRPO with a pairwise reward model); their
+        names and kinds were checked by ``check_online``."""
         pairwise = [name for name in online.rewards if is_pairwise(name)]
-        if pairwise and objective != "pref_grpo":
-            raise ConfigError(f"reward {pairwise[0]} is pairwise (it compares two images); objective {objective} needs "
-                              "scalar rewards: use it with objective.name=pref_grpo")
-        if pairwise and len(online.rewards) > 1:
-            raise ConfigError(f"online.rewards: a pairwise reward ({pairwise[0]}) is used alone; it cannot be summed "
-                              "with other rewards (log others with online.monitor_rewards)")
-        for name in online.monitor_rewards:
-            if is_pairwise(name):
-                raise ConfigError(f"online.monitor_rewards: {name} is pairwise; monitors are scalar rewards")
         built = {name: build_reward(name, weights=online.reward_weights.get(name), device=device)
                  for name in online.rewards}
         if pairwise:
@@ -268,9 +258,13 @@ class OnlineRounds:
         device = self.accelerator.device
         gathered = {name: self.accelerator.gather(values.to(device)).cpu().double() for name, values in scores.items()}
         metrics = {f"reward_{name}": float(values.mean()) for name, values in gathered.items()}
-        if self.judge is not None:
+        if self.judge is not None:  # no scalar reward: the spread of the win rates tells whether the judge ties
             preferences = self.accelerator.gather(preferences.to(device)).cpu()
             total = torch.zeros(self.prompts_per_round * self.group_size, dtype=torch.float64)
+            wins = win_rates(preferences).double()
+            metrics["win_rate_std"] = float(wins.std(unbiased=False))
+            spread = wins.view(-1, self.group_size).std(dim=1, unbiased=False)
+            metrics["zero_std_groups"] = float((spread < 1e-8).double().mean())
         else:
             total = neutralise_nonfinite(sum(self.weights[name] * gathered[name] for name in self.rewards),
                                          self.group_size, metrics)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from diffalign.errors import ConfigError
 
@@ -30,7 +31,7 @@ class OnlineConfig:
     sde_window: list[int] | None = None  # [start, end): the stochastic (trained) steps; null = all
     train_fraction: float = 1.0  # share of a sample's stochastic steps trained, drawn at random per sample
     inner_epochs: int = 1  # passes over each round's samples
-    rewards: dict[str, float] = field(default_factory=lambda: {"clip": 1.0})  # name -> weight, summed
+    rewards: Any = field(default_factory=lambda: {"clip": 1.0})  # {name: weight} summed; a name or list: weight 1
     reward_weights: dict[str, str] = field(default_factory=dict)  # name -> local weights file/folder
     monitor_rewards: list[str] = field(default_factory=list)  # scored and logged, never trained on
     max_prompts: int | None = None  # use the first N prompts of the set
@@ -60,6 +61,36 @@ def round_layout(online: OnlineConfig, batch_size: int, accumulation: int, proce
     return per_process, chunks, online.inner_epochs * chunks // accumulation
 
 
+def check_online(cfg, processes: int) -> list[str]:
+    """Everything about an online run that can fail before the model loads: the round layout, the reward names and
+    kinds, and the prompts (returned). Raises ``ConfigError``."""
+    from diffalign.errors import closest
+    from diffalign.evaluation.prompts import load_prompts  # the prompt sets: imported when a run starts
+    from diffalign.rewards import REWARDS, is_pairwise
+
+    check_round_layout(cfg, processes)
+    online, objective = cfg.online, cfg.objective.name
+    for where, names in (("online.rewards", list(online.rewards)), ("online.monitor_rewards", online.monitor_rewards)):
+        for name in names:
+            if name not in REWARDS:
+                raise ConfigError(f"{where}: unknown reward '{name}'.{closest(name, REWARDS.names())} "
+                                  "(diffalign list rewards)")
+    pairwise = [name for name in online.rewards if is_pairwise(name)]
+    if pairwise and objective != "pref_grpo":
+        raise ConfigError(f"reward {pairwise[0]} is pairwise (it compares two images); objective {objective} needs "
+                          "scalar rewards: use it with objective.name=pref_grpo")
+    if pairwise and len(online.rewards) > 1:
+        raise ConfigError(f"online.rewards: a pairwise reward ({pairwise[0]}) is used alone; it cannot be summed "
+                          "with other rewards (log others with online.monitor_rewards)")
+    for name in online.monitor_rewards:
+        if is_pairwise(name):
+            raise ConfigError(f"online.monitor_rewards: {name} is pairwise; monitors are scalar rewards")
+    prompts = load_prompts(online.prompts, limit=online.max_prompts)
+    if not prompts:
+        raise ConfigError(f"online.prompts={online.prompts} holds no prompts")
+    return prompts
+
+
 def check_round_layout(cfg, processes: int) -> tuple[int, int, int]:
     """``round_layout`` for this run, and checkpoints on round boundaries; called as soon as the process count
     is known, before the model is loaded. Raises ``ConfigError``."""
@@ -71,14 +102,27 @@ def check_round_layout(cfg, processes: int) -> tuple[int, int, int]:
     return layout
 
 
-def validate_online(cfg) -> None:
-    """Range checks of the ``online`` section (sizes that depend on the process count are checked at start)."""
+def validate_online(cfg, step: str) -> None:
+    """Range checks of the ``online`` section for an objective with step procedure ``step``; ``online.rewards``
+    given as a name or a list becomes {name: 1.0}. Sizes that depend on the process count, reward names and the
+    prompts are checked at start (``check_online``)."""
     online = cfg.online
-    for key in ("prompts_per_round", "group_size", "sample_steps", "inner_epochs"):
+    if isinstance(online.rewards, str):
+        online.rewards = {online.rewards: 1.0}
+    elif isinstance(online.rewards, list) and all(isinstance(name, str) for name in online.rewards):
+        online.rewards = {name: 1.0 for name in online.rewards}
+    if not isinstance(online.rewards, dict):
+        raise ConfigError(f"online.rewards is a mapping of reward name to weight, e.g. {{pickscore: 1.0}} (or a name, "
+                          f"or a list of names), got {online.rewards!r}")
+    if step == "grpo" and (online.eta <= 0 or online.noise_level <= 0):
+        raise ConfigError("grpo and pref_grpo learn from the sampler's noise: online.eta (SD1.x/2.x, SDXL) and "
+                          "online.noise_level (SD3) must be > 0; only nft trains from a deterministic sampler")
+    for key in ("prompts_per_round", "sample_steps", "inner_epochs"):
         if getattr(online, key) < 1:
             raise ConfigError(f"online.{key} must be at least 1, got {getattr(online, key)}")
     if online.group_size < 2:
-        raise ConfigError("online.group_size must be at least 2: advantages compare the images of a group")
+        raise ConfigError(f"online.group_size must be at least 2 (advantages compare the images of a group), got "
+                          f"{online.group_size}")
     if online.guidance_scale < 1.0:
         raise ConfigError(f"online.guidance_scale must be at least 1.0 (1.0 = CFG-free), got {online.guidance_scale}")
     if online.eta < 0 or online.noise_level < 0:
@@ -93,7 +137,7 @@ def validate_online(cfg) -> None:
     if not online.rewards:
         raise ConfigError("online.rewards needs at least one reward, e.g. {clip: 1.0} (diffalign list rewards)")
     for name, weight in online.rewards.items():
-        if not isinstance(weight, int | float) or not math.isfinite(weight):
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
             raise ConfigError(f"online.rewards.{name} must be a finite number (its weight), got {weight!r}")
     if online.max_prompts is not None and online.max_prompts < 1:
         raise ConfigError(f"online.max_prompts must be at least 1, got {online.max_prompts}")

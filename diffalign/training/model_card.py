@@ -20,7 +20,7 @@ Trained with [diffalign](https://pypi.org/project/diffalign/).
 |---|---|
 | base model | `{base}` |
 | objective | `{objective}` ({params}) |
-| data | `{source}`: {kept} records used, skipped: {skipped} |
+| data | {data_row} |
 | steps | {steps} optimizer steps ({skipped_steps} skipped), batch {batch} x accumulation {accumulation} x {processes} processes |
 | learning rate | {lr} ({scheduler}, warmup {warmup}) |
 | weights | {weights} |
@@ -61,6 +61,18 @@ NEGATIVE_NOTE = ("\n\nThis is a *negative* LoRA (NPO): it is meant for the uncon
                  "classifier-free guidance, not to be sampled alone.")
 
 
+def data_row(cfg: Config, run_info: dict) -> str:
+    """What the run trained on: records of ``data.source``, or an online run's sampled rounds."""
+    online = run_info.get("online")
+    if online is not None:
+        rewards = ", ".join(f"{name} x {weight:g}" for name, weight in cfg.online.rewards.items())
+        return (f"online: {online['rounds']} rounds of {online['images_per_round']} images sampled from the model, "
+                f"prompts `{cfg.online.prompts}`, rewards {rewards}")
+    data = run_info.get("data", {})
+    skipped = ", ".join(f"{k}: {v}" for k, v in sorted(data.get("skipped", {}).items())) or "none"
+    return f"`{cfg.data.source}`: {data.get('kept', '?')} records used, skipped: {skipped}"
+
+
 def write_model_card(cfg: Config, output_dir: Path, run_info: dict, family, base_path: str | None = None) -> Path:
     """Write ``output_dir/README.md``.
 
@@ -72,15 +84,13 @@ def write_model_card(cfg: Config, output_dir: Path, run_info: dict, family, base
             ``model.pretrained``.
     """
     metrics = run_info.get("final_metrics") or {}
-    data = run_info.get("data", {})
     card = CARD.format(
         front_matter=yaml.safe_dump({"base_model": cfg.model.pretrained, "library_name": "diffusers",
                                      "tags": ["diffalign", "lora", cfg.objective.name, "text-to-image"]},
                                     sort_keys=False),
         objective=cfg.objective.name, kind="LoRA" if cfg.lora.enabled else "fine-tune", base=cfg.model.pretrained,
         params=", ".join(f"{k}={v}" for k, v in cfg.objective.selected.items()) or "none",
-        source=cfg.data.source, kept=data.get("kept", "?"),
-        skipped=", ".join(f"{k}: {v}" for k, v in sorted(data.get("skipped", {}).items())) or "none",
+        data_row=data_row(cfg, run_info),
         steps=run_info["global_step"], skipped_steps=run_info.get("skipped_steps", 0), batch=cfg.train.batch_size,
         accumulation=cfg.train.gradient_accumulation_steps, processes=run_info.get("num_processes", 1),
         lr=cfg.train.learning_rate, scheduler=cfg.train.lr_scheduler, warmup=cfg.train.lr_warmup_steps,

@@ -23,7 +23,7 @@ from diffalign.config import Config
 from diffalign.errors import TrainingStopped
 from diffalign.objectives import Objective, get_objective
 from diffalign.online import steps as online_steps  # noqa: F401  (registers the "grpo" and "nft" step procedures)
-from diffalign.online.settings import check_round_layout
+from diffalign.online.settings import check_online
 from diffalign.training import checkpoint as ckpt
 from diffalign.training import self_npo  # noqa: F401  (registers the "self_npo" step procedure)
 from diffalign.training.metrics import MetricWindow
@@ -111,8 +111,8 @@ def setup_run(cfg: Config, accelerator: Accelerator, output_dir: Path) -> Run:
     objective = get_objective(cfg.objective.name)
     params = objective.parse_params(cfg.objective.selected)
     step = STEPS.get(objective.step)
-    if objective.data_kind == "prompts":  # sizes that cannot divide over the processes: refused before loading
-        check_round_layout(cfg, accelerator.num_processes)
+    if objective.data_kind == "prompts":  # sizes, rewards and prompts: refused before the model loads
+        check_online(cfg, accelerator.num_processes)
     torch.manual_seed(cfg.train.seed)
     if cfg.train.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
