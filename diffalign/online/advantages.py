@@ -58,8 +58,11 @@ class PromptStatTracker:
         values = rewards.double()
         result = torch.empty_like(values)
         round_mean, round_std = values.mean(), values.std(unbiased=False)
-        for prompt in dict.fromkeys(prompts):
-            rows = torch.tensor([i for i, p in enumerate(prompts) if p == prompt])
+        groups: dict[str, list[int]] = {}
+        for index, prompt in enumerate(prompts):  # one pass, not one per distinct prompt
+            groups.setdefault(prompt, []).append(index)
+        for prompt, indices in groups.items():
+            rows = torch.tensor(indices)
             buffer = self.buffers.setdefault(prompt, deque(maxlen=self.buffer_size))
             buffer.extend(values[rows].tolist())
             if len(buffer) < self.min_count:

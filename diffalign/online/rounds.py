@@ -204,9 +204,9 @@ class OnlineRounds:
     def conditioning(self, prompts: list[str]) -> tuple[dict, dict | None]:
         """Per-image conditioning (n rows) for ``prompts`` and, under CFG, for the negative prompt."""
         family, components, device = self.family, self.components, self.accelerator.device
-        distinct = list(dict.fromkeys(prompts))
-        encoded = family.encode_prompts(components, distinct)
-        index = torch.tensor([distinct.index(p) for p in prompts])
+        position = {prompt: i for i, prompt in enumerate(dict.fromkeys(prompts))}
+        encoded = family.encode_prompts(components, list(position))
+        index = torch.tensor([position[p] for p in prompts])
         cond = {k: v[index.to(v.device)] for k, v in encoded.items()}
         uncond = None
         if self.sampler.guidance_scale != 1.0:

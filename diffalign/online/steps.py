@@ -38,12 +38,6 @@ def base_model(model, kl_coef: float, reference=None):
     return adapters_disabled(module)
 
 
-def batch_inputs(context: StepContext):
-    """(round, rows, trained step indices) of this micro-step."""
-    rounds, item = context.online, context.work
-    return rounds, item, rounds.current
-
-
 def grpo_step(context: StepContext) -> ObjectiveOutput:
     """One GRPO micro-step: log p of each sample's trained step under the policy, the clipped surrogate and KL."""
     rounds, item, params = context.online, context.work, context.params
