@@ -41,6 +41,8 @@ class ModelConfig:
     family: str = "auto"  # auto = read from the checkpoint's model_index.json
     resolution: int | None = None  # None = the denoiser's native size (sample_size x VAE factor)
     vae: str | None = None  # a separate VAE folder/hub id, e.g. madebyollin/sdxl-vae-fp16-fix (SDXL's VAE: fp32)
+    # FLUX.1-dev: the guidance value embedded in every training forward (families/flux.py says why 1.0)
+    flux_guidance: float = 1.0
 
 
 @dataclass

@@ -7,7 +7,8 @@ checkpoint's ``model_index.json``, and ``load_components``.
     >>> components.family.name, get_family("sdxl").name
     ('sd', 'sdxl')
 
-Families: ``sd`` (Stable Diffusion 1.x and 2.x, epsilon or v-prediction), ``sdxl`` and ``sd3`` (SD3 / SD3.5).
+Families: ``sd`` (Stable Diffusion 1.x and 2.x, epsilon or v-prediction), ``sdxl``, ``sd3`` (SD3 / SD3.5) and
+``flux`` (FLUX.1 [dev] / [schnell]).
 
 ``model.pretrained`` is a hub id, a local diffusers folder, or ``<source>:<name>`` for a source registered in
 ``MODEL_SOURCES``. ``diffalign.offline`` registers ``tiny`` when it is imported (``tiny:sd15`` is then built on
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from diffalign.errors import ConfigError, ModelError
 from diffalign.families.base import DiffusionComponents, Family, read_model_index
+from diffalign.families.flux import FluxFamily
 from diffalign.families.sd import StableDiffusionFamily
 from diffalign.families.sd3 import StableDiffusion3Family
 from diffalign.families.sdxl import StableDiffusionXLFamily
@@ -45,6 +47,12 @@ FAMILIES.register(
     description="Stable Diffusion 3 / 3.5: MMDiT transformer, rectified flow (velocity target), two CLIP text "
                 "encoders and T5",
     source="Esser et al. 2024 (arXiv 2403.03206); stabilityai/stable-diffusion-3-medium-diffusers",
+)
+FAMILIES.register(
+    FluxFamily.name, FluxFamily(),
+    description="FLUX.1 [dev] and [schnell]: MMDiT with single-stream blocks, rectified flow with resolution-dependent "
+                "shifting, 2x2 latent packing, CLIP pooled + T5, [dev]'s embedded guidance",
+    source="Black Forest Labs 2024 (black-forest-labs/flux); diffusers FluxPipeline",
 )
 # "<source>:<name>" model specs: source -> resolver(spec) returning a local folder or hub id.
 MODEL_SOURCES: Registry[Callable[[str], str]] = Registry("model source", "model.pretrained")

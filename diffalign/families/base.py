@@ -152,6 +152,21 @@ class Family:
         ``needs_image_sizes`` are called."""
         return {}
 
+    def run_cond(self, components: DiffusionComponents, rows: int, device) -> dict[str, torch.Tensor]:
+        """Conditioning set by the run, not the data (FLUX.1-dev's guidance value): (rows,) tensors added to
+        every training batch's conditioning after the cache and prompt dropout; never cached."""
+        return {}
+
+    def embedded_guidance(self, components: DiffusionComponents) -> bool:
+        """Whether the denoiser takes its guidance value as an input (guidance-distilled FLUX.1-dev) instead of
+        running classifier-free guidance's two branches."""
+        return False
+
+    def lora_targets(self, denoiser: torch.nn.Module) -> tuple[str, ...]:
+        """The default ``lora.target_modules`` for this denoiser: ``default_lora_targets``, which a family
+        extends for optional layers (SD3.5's ``attn2``)."""
+        return self.default_lora_targets
+
     def predict(
         self, denoiser: torch.nn.Module, x_t: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor]
     ) -> torch.Tensor:

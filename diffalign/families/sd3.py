@@ -141,7 +141,7 @@ class StableDiffusion3Family(Family):
     def sample_timesteps(self, components: DiffusionComponents, count: int, generator: torch.Generator,
                          timestep_cfg=None) -> torch.Tensor:
         """t = T sigma (float32), sigma = shift(u), u from the density; an interval [t_lo, t_hi) bounds sigma."""
-        total, shift = self.num_train_timesteps(components), components.noise_scheduler.config.shift
+        total, shift = self.num_train_timesteps(components), self.timestep_shift(components)
         interval = timestep_cfg.interval if timestep_cfg is not None else None
         bounds = torch.tensor(interval_bounds(total, interval), dtype=torch.float64) / total
         bounds = unshift_levels(bounds, shift)
@@ -149,6 +149,23 @@ class StableDiffusion3Family(Family):
         mean, std = (timestep_cfg.logit_mean, timestep_cfg.logit_std) if timestep_cfg is not None else (0.0, 1.0)
         u = sample_unit_levels(count, generator, density, float(bounds[0]), float(bounds[1]), mean, std)
         return (shift_levels(u, shift) * total).float()
+
+    def timestep_shift(self, components: DiffusionComponents) -> float:
+        """The shift the pipeline samples with at the training resolution: SD3's static ``shift``."""
+        return float(components.noise_scheduler.config.shift)
+
+    def set_sampling_timesteps(self, components: DiffusionComponents, scheduler, steps: int) -> None:
+        """Set ``scheduler`` (a copy of the training one) to the sigmas the family's pipeline samples ``steps``
+        steps on: ``StableDiffusion3Pipeline`` lets the scheduler space them."""
+        scheduler.set_timesteps(steps)
+
+    def lora_targets(self, denoiser) -> tuple[str, ...]:
+        """The joint attention's projections, plus the second (image-only) attention of SD3.5's dual-attention
+        blocks (``attn2``, in the blocks ``dual_attention_layers`` lists; SD3.5-medium has 13), which would
+        otherwise never be adapted."""
+        if getattr(denoiser.config, "dual_attention_layers", None):
+            return (*self.default_lora_targets, "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
+        return self.default_lora_targets
 
     def timestep_weights(self, components: DiffusionComponents, timesteps: torch.Tensor, timestep_cfg):
         if timestep_cfg.weighting == "none":

@@ -39,7 +39,7 @@ def build_tiny_lora(out_dir: str | Path, base: str = "tiny:sd15", seed: int = 0,
     """
     components = load_components(ModelConfig(pretrained=resolve_model_spec(base)))
     torch.manual_seed(seed)
-    attach_lora(components.denoiser, LoraConfig(rank=rank, alpha=alpha), components.family.default_lora_targets)
+    attach_lora(components.denoiser, LoraConfig(rank=rank, alpha=alpha), components.family.lora_targets(components.denoiser))
     with torch.no_grad():
         for name, param in components.denoiser.named_parameters():
             if "lora_" in name:

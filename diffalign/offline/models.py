@@ -6,7 +6,9 @@ same ``from_pretrained`` code as a hub checkpoint:
 - ``build_tiny_sd15``: SD1.5's shape (family ``sd``): epsilon prediction, a quick-GELU CLIP text encoder;
 - ``build_tiny_sd2v``: SD2.x 768-v's shape (family ``sd``): v-prediction, linear-projection attention;
 - ``build_tiny_sdxl``: SDXL's shape (family ``sdxl``): two CLIP text encoders, ``text_time`` conditioning;
-- ``build_tiny_sd3``: SD3's shape (family ``sd3``): an MMDiT, flow matching, two CLIP encoders and T5.
+- ``build_tiny_sd3``: SD3's shape (family ``sd3``): an MMDiT, flow matching, two CLIP encoders and T5;
+- ``build_tiny_sd35``: SD3.5-medium's shape (family ``sd3``): SD3's plus dual-attention blocks and QK norm;
+- ``build_tiny_flux`` / ``build_tiny_flux_schnell``: FLUX.1 [dev]'s / [schnell]'s shape (family ``flux``).
 
 ``diffalign.offline.specs`` registers them in ``TINY_MODELS`` (``tiny:sd15`` ...), built on first use and cached.
 """
@@ -221,11 +223,11 @@ def build_tiny_sdxl(out_dir: str | Path, seed: int = 0) -> Path:
     return Path(out_dir)
 
 
-def build_tiny_sd3(out_dir: str | Path, seed: int = 0, with_t5: bool = True) -> Path:
+def build_tiny_sd3(out_dir: str | Path, seed: int = 0, with_t5: bool = True, **transformer_overrides) -> Path:
     """A tiny SD3-shaped StableDiffusion3Pipeline: an MMDiT (SD3Transformer2DModel, patch size 2, joint text-image
     attention), a 16-channel VAE with SD3's shift and scaling factors, two CLIP encoders with projections, a T5
     encoder (``with_t5=False`` leaves it out, as the pipeline allows) and the flow-matching Euler scheduler with
-    SD3's shift 3."""
+    SD3's shift 3. ``transformer_overrides`` change the transformer's config (SD3.5's dual attention)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     text_encoder = tiny_text_encoder(seed, with_projection=True)  # CLIP ViT-L's role
@@ -246,6 +248,7 @@ def build_tiny_sd3(out_dir: str | Path, seed: int = 0, with_t5: bool = True) -> 
         caption_projection_dim=32,  # = heads x head dim
         pooled_projection_dim=text_encoder.config.projection_dim + text_encoder_2.config.projection_dim,
         pos_embed_max_size=16,
+        **transformer_overrides,
     )
     tokenizer = build_clip_tokenizer()
     pipe = StableDiffusion3Pipeline(
@@ -261,3 +264,52 @@ def build_tiny_sd3(out_dir: str | Path, seed: int = 0, with_t5: bool = True) -> 
     )
     pipe.save_pretrained(str(out_dir))
     return Path(out_dir)
+
+
+def build_tiny_sd35(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny SD3.5-medium-shaped pipeline: SD3's, with a second, image-only attention (``attn2``) in the first
+    block (SD3.5-medium's ``dual_attention_layers`` are blocks 0-12) and RMS QK normalisation."""
+    return build_tiny_sd3(out_dir, seed, dual_attention_layers=(0,), qk_norm="rms_norm")
+
+
+def build_tiny_flux(out_dir: str | Path, seed: int = 0, guidance_embeds: bool = True) -> Path:
+    """A tiny FLUX.1-[dev]-shaped FluxPipeline: double- and single-stream blocks (``FluxTransformer2DModel``,
+    2x2-packed 16-channel latents: 64 input channels), the embedded guidance value, rotary position axes, a
+    16-channel VAE with FLUX's shift and scaling factors and no quant convs, CLIP (pooled output) and T5, and the
+    flow-matching Euler scheduler with dynamic (resolution-dependent) shifting, as in FLUX.1-dev's config.
+    ``guidance_embeds=False`` gives [schnell]'s shape: no guidance input, a static shift of 1."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    text_encoder = tiny_text_encoder(seed)  # CLIP ViT-L's role: only its pooled output is used
+    t5_tokenizer = build_t5_tokenizer()
+    t5 = tiny_t5_encoder(seed + 4, len(t5_tokenizer), d_model=32)
+    torch.manual_seed(seed + 2)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=t5.config.d_model,
+        pooled_projection_dim=text_encoder.config.hidden_size, guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6),  # sums to the head dim, as (16, 56, 56) does to 128
+    )
+    if guidance_embeds:  # FLUX.1-dev's scheduler_config.json
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                    base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                    max_image_seq_len=4096)
+    else:  # FLUX.1-schnell's
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    pipe = FluxPipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=tiny_vae(seed + 1, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159,
+                     use_quant_conv=False, use_post_quant_conv=False),
+        text_encoder=text_encoder,
+        tokenizer=build_clip_tokenizer(),
+        text_encoder_2=t5,
+        tokenizer_2=t5_tokenizer,
+    )
+    pipe.save_pretrained(str(out_dir))
+    return Path(out_dir)
+
+
+def build_tiny_flux_schnell(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny FLUX.1-[schnell]-shaped pipeline (``build_tiny_flux`` without the guidance embedding)."""
+    return build_tiny_flux(out_dir, seed, guidance_embeds=False)

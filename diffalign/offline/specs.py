@@ -25,7 +25,8 @@ import torch
 from diffalign.families import MODEL_SOURCES
 from diffalign.logs import get_logger
 from diffalign.offline.data import build_tiny_pairs
-from diffalign.offline.models import build_tiny_sd2v, build_tiny_sd3, build_tiny_sd15, build_tiny_sdxl
+from diffalign.offline.models import (build_tiny_flux, build_tiny_flux_schnell, build_tiny_sd2v, build_tiny_sd3,
+                                      build_tiny_sd15, build_tiny_sd35, build_tiny_sdxl)
 from diffalign.offline.toy_base import TOY_VERSION, build_toy_base
 from diffalign.paths import build_atomically, cache_root
 from diffalign.registry import Registry
@@ -55,6 +56,24 @@ TINY_MODELS.register(
     "sd3", build_tiny_sd3,
     description="SD3-shaped, random weights (family sd3): MMDiT, flow matching, two CLIP text encoders and T5",
     source="the layout of stabilityai/stable-diffusion-3-medium-diffusers",
+)
+TINY_MODELS.register(
+    "sd35", build_tiny_sd35,
+    description="SD3.5-medium-shaped, random weights (family sd3): SD3's plus a dual-attention block (attn2) and "
+                "QK norm",
+    source="the layout of stabilityai/stable-diffusion-3.5-medium",
+)
+TINY_MODELS.register(
+    "flux", build_tiny_flux,
+    description="FLUX.1-dev-shaped, random weights (family flux): double and single-stream blocks, embedded "
+                "guidance, dynamic shifting, CLIP pooled + T5",
+    source="the layout of black-forest-labs/FLUX.1-dev",
+)
+TINY_MODELS.register(
+    "flux-schnell", build_tiny_flux_schnell,
+    description="FLUX.1-schnell-shaped, random weights (family flux): as tiny:flux without the guidance embedding, "
+                "static shift 1",
+    source="the layout of black-forest-labs/FLUX.1-schnell",
 )
 TINY_MODELS.register(
     "toy", build_toy_base,

@@ -209,7 +209,9 @@ class OnlineRounds:
         index = torch.tensor([position[p] for p in prompts])
         cond = {k: v[index.to(v.device)] for k, v in encoded.items()}
         uncond = None
-        if self.sampler.guidance_scale != 1.0:
+        if family.embedded_guidance(components):  # FLUX.1-dev: the value goes in, and there is no CFG branch
+            cond["guidance"] = torch.full((len(prompts),), float(self.sampler.guidance_scale), device=device)
+        elif self.sampler.guidance_scale != 1.0:
             negative = family.encode_prompts(components, [self.negative])
             uncond = {k: v.expand(len(prompts), *v.shape[1:]) for k, v in negative.items()}
         if family.needs_image_sizes:  # SDXL: generated images are uncropped squares at the training resolution

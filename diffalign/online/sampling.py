@@ -84,7 +84,7 @@ class SamplerSettings:
 def sampling_grid(family, components, steps: int) -> SamplingGrid:
     """The grid the family's pipeline samples on: DDIM's timesteps and levels (the scheduler config's spacing,
     offset and final alpha) for DDPM schedules; ``FlowMatchEulerDiscreteScheduler``'s shifted sigmas for flow
-    matching. Raises ``ConfigError`` for fewer than 1 step or more than the training timesteps."""
+    matching, set as the family's pipeline sets them (FLUX: linspace(1, 1/S, S) shifted by mu). Raises ``ConfigError`` for fewer than 1 step or more than the training timesteps."""
     total = family.num_train_timesteps(components)
     if not 1 <= steps <= total:
         raise ConfigError(f"online.sample_steps={steps} must be between 1 and the model's {total} training timesteps")
@@ -93,7 +93,7 @@ def sampling_grid(family, components, steps: int) -> SamplingGrid:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
-        scheduler.set_timesteps(steps)
+        family.set_sampling_timesteps(components, scheduler, steps)
         sigma = scheduler.sigmas.detach().to("cpu", torch.float32)  # (S + 1,), ends at 0
         return SamplingGrid(sigma[:-1] * total, 1 - sigma[:-1], sigma[:-1], 1 - sigma[1:], sigma[1:])
     from diffusers import DDIMScheduler

@@ -73,13 +73,15 @@ def data_row(cfg: Config, run_info: dict) -> str:
     return f"`{cfg.data.source}`: {data.get('kept', '?')} records used, skipped: {skipped}"
 
 
-def write_model_card(cfg: Config, output_dir: Path, run_info: dict, family, base_path: str | None = None) -> Path:
+def write_model_card(cfg: Config, output_dir: Path, run_info: dict, family, base_path: str | None = None,
+                     lora_targets: tuple[str, ...] | None = None) -> Path:
     """Write ``output_dir/README.md``.
 
     Args:
         run_info: the run's ``run_info.json`` content (steps, skipped steps, processes, data report, metrics).
         family: names the denoiser's class and pipeline component (for loading a full fine-tune) and the default
             LoRA targets.
+        lora_targets: the default targets for this denoiser (``family.lora_targets``), when not the family's.
         base_path: what to pass to ``from_pretrained`` (the resolved folder for a ``tiny:`` spec); default
             ``model.pretrained``.
     """
@@ -94,7 +96,8 @@ def write_model_card(cfg: Config, output_dir: Path, run_info: dict, family, base
         steps=run_info["global_step"], skipped_steps=run_info.get("skipped_steps", 0), batch=cfg.train.batch_size,
         accumulation=cfg.train.gradient_accumulation_steps, processes=run_info.get("num_processes", 1),
         lr=cfg.train.learning_rate, scheduler=cfg.train.lr_scheduler, warmup=cfg.train.lr_warmup_steps,
-        weights=weights_row(cfg, family), reference=resolve_reference(cfg), precision=cfg.train.mixed_precision,
+        weights=weights_row(cfg, lora_targets or family.default_lora_targets, family),
+        reference=resolve_reference(cfg), precision=cfg.train.mixed_precision,
         metric_rows="\n".join(f"| {name} | {value:.6g} |" for name, value in sorted(metrics.items())) or "| (none) | |",
         how_to_load=how_to_load(cfg, family, output_dir, base_path or cfg.model.pretrained),
     )
@@ -103,11 +106,11 @@ def write_model_card(cfg: Config, output_dir: Path, run_info: dict, family, base
     return path
 
 
-def weights_row(cfg: Config, family) -> str:
+def weights_row(cfg: Config, default_targets, family) -> str:
     if not cfg.lora.enabled:
         return f"full fine-tune of the denoiser, saved as a diffusers folder in `{family.denoiser_subfolder}/`"
     alpha = cfg.lora.alpha if cfg.lora.alpha is not None else cfg.lora.rank
-    return f"LoRA rank {cfg.lora.rank}, alpha {alpha}, on {', '.join(cfg.lora.target_modules or family.default_lora_targets)}"
+    return f"LoRA rank {cfg.lora.rank}, alpha {alpha}, on {', '.join(cfg.lora.target_modules or default_targets)}"
 
 
 def how_to_load(cfg: Config, family, output_dir: Path, base_path: str) -> str:

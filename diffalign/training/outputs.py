@@ -113,6 +113,7 @@ def write_run_outputs(cfg: Config, accelerator, output_dir: Path, components, de
             "final_metrics": end.last_metrics,
         }
         (output_dir / "run_info.json").write_text(json.dumps(run_info, indent=2))
-        write_model_card(cfg, output_dir, run_info, family, base_path=components.pretrained)
+        write_model_card(cfg, output_dir, run_info, family, base_path=components.pretrained,
+                         lora_targets=family.lora_targets(components.denoiser))
     accelerator.end_training()
     return result

@@ -111,8 +111,9 @@ def self_npo_step(*, family, components, model, reference, latents: torch.Tensor
     per_image_keys = family.per_image_cond_keys
     cond = expand_cond(cond, k, per_image_keys)
     count = x0.shape[0]
-    # The empty prompt replaces the prompt's conditioning; per-image conditioning (SDXL's time ids) is kept.
-    uncond = {name: cond[name] for name in per_image_keys if name in cond}
+    # The empty prompt replaces the prompt's conditioning; the rest (SDXL's per-image time ids, FLUX's
+    # guidance value) is kept.
+    uncond = {name: value for name, value in cond.items() if name not in empty_cond}
     uncond.update({name: value.to(device=device, dtype=cond[name].dtype).expand(count, *value.shape[1:])
                    for name, value in empty_cond.items()})
     with reference.model_for_pass(model) as teacher:

@@ -106,7 +106,7 @@ def setup_model(cfg: Config, accelerator: Accelerator, objective: Objective, par
     denoiser = components.denoiser
     if cfg.lora.enabled:
         denoiser.to(device, **cast)
-        attach_lora(denoiser, cfg.lora, family.default_lora_targets)
+        attach_lora(denoiser, cfg.lora, family.lora_targets(denoiser))
     else:  # full fine-tune: fp32 master weights, autocast does the mixed precision
         denoiser.to(device).requires_grad_(True)
     cast_training_params(denoiser, dtype=torch.float32)

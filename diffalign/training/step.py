@@ -109,4 +109,5 @@ def batch_tensors(batch: dict, family, components, device, weight_dtype, empty_c
                 for name, value in cond.items()}
     if "image_sizes" in batch:
         cond.update(family.image_cond(components, batch["image_sizes"].to(device)))
+    cond.update(family.run_cond(components, latents.shape[0], device))
     return latents.to(weight_dtype), {name: value.to(weight_dtype) for name, value in cond.items()}
