@@ -59,7 +59,7 @@ def test_type_and_value_errors_are_clear(tmp_path):
 
 
 SHIPPED = sorted([*(ROOT / "configs").glob("*.yaml"), *(ROOT / "configs" / "toy").glob("*.yaml")])
-TINY_FAMILIES = ("sd2v", "sdxl", "sd3")  # tiny_<family>_<objective>.yaml; plain tiny_<objective>.yaml is sd15
+TINY_FAMILIES = ("sd2v", "sdxl", "sd3", "flux")  # tiny_<family>_<objective>.yaml; plain tiny_<objective>.yaml is sd15
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.name}")

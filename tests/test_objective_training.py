@@ -17,8 +17,9 @@ def test_every_objective_is_registered():
     assert set(OBJECTIVES) <= set(available_objectives())
 
 
-# eps and v targets; SDXL's conditioning; SD3's flow-matching velocity and transformer
-@pytest.fixture(scope="module", params=["tiny:sd15", "tiny:sd2v", "tiny:sdxl", "tiny:sd3"])
+# eps and v targets; SDXL's conditioning; SD3's flow-matching velocity and transformer; SD3.5's dual attention;
+# FLUX's packed latents and embedded guidance
+@pytest.fixture(scope="module", params=["tiny:sd15", "tiny:sd2v", "tiny:sdxl", "tiny:sd3", "tiny:sd35", "tiny:flux"])
 def fixed_batch(request, tiny_data_path):
     """Latents of 8 red-vs-blue pairs, a third image per record for rankings, and their conditioning."""
     from diffalign.data import read_preferences
@@ -63,7 +64,7 @@ def test_objective_lowers_its_loss_on_a_fixed_batch(name, fixed_batch):
     cfg = Config()
     cfg.model.pretrained = batch_components.pretrained
     components = load_components(cfg.model)  # a fresh denoiser per objective
-    attach_lora(components.denoiser, cfg.lora, components.family.default_lora_targets)
+    attach_lora(components.denoiser, cfg.lora, components.family.lora_targets(components.denoiser))
     objective = get_objective(name)
     params = objective.parse_params({})
     if hasattr(params, "beta") and name != "mapo":
@@ -79,6 +80,7 @@ def test_objective_lowers_its_loss_on_a_fixed_batch(name, fixed_batch):
     if components.family.needs_image_sizes:  # SDXL: per-image time ids; every tiny image is 32x32, uncropped
         sizes = torch.tensor([32.0, 32.0, 0.0, 0.0]).expand(*batch_latents.shape[:2], 4)
         batch_cond.update(components.family.image_cond(components, sizes))
+    batch_cond.update(components.family.run_cond(components, len(batch_latents), "cpu"))  # FLUX.1-dev's guidance
     optimizer = torch.optim.AdamW([p for p in components.denoiser.parameters() if p.requires_grad], lr=2e-3)
     losses = []
     for _ in range(10):

@@ -17,9 +17,11 @@ import math
 from statistics import fmean, pstdev
 from types import SimpleNamespace
 
+import numpy
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from diffalign.config import ModelConfig
 from diffalign.errors import ConfigError
@@ -165,7 +167,7 @@ def test_ddim_with_eta_carries_noise_to_the_data_distribution(eta):
 
 
 # ---------------------------------------------------------------------------------------------- trajectories
-@pytest.fixture(scope="module", params=["tiny:sd15", "tiny:sd3"])
+@pytest.fixture(scope="module", params=["tiny:sd15", "tiny:sd3", "tiny:flux"])
 def tiny(request):
     components = load_components(ModelConfig(pretrained=resolve_model_spec(request.param)))
     components.denoiser.eval()
@@ -174,6 +176,8 @@ def tiny(request):
 
 def sample(family, components, settings, prompts, seeds):
     cond, uncond = family.encode_prompts(components, prompts), family.encode_prompts(components, [""] * len(prompts))
+    for values in (cond, uncond):  # FLUX.1-dev's embedded guidance value, in both branches
+        values.update(family.run_cond(components, len(prompts), "cpu"))
     grid = sampling_grid(family, components, settings.steps)
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     return sample_trajectory(family, components, components.denoiser, grid, settings, cond, uncond, generators,
@@ -187,7 +191,12 @@ def reference_step(family, components, cond, uncond, steps, i, x, noise_level, g
     s = a sqrt(1 / (1 - sigma_1)))."""
     config, model = components.noise_scheduler.config, components.denoiser
     scheduler = (FlowMatchEulerDiscreteScheduler if family.flow_matching else DDIMScheduler).from_config(config)
-    scheduler.set_timesteps(steps)
+    if family.name == "flux":  # as FluxPipeline sets them: linspace(1, 1/S, S), shifted with mu of the image tokens
+        mu = calculate_shift((x.shape[-1] // 2) * (x.shape[-2] // 2), config.base_image_seq_len,
+                             config.max_image_seq_len, config.base_shift, config.max_shift)
+        scheduler.set_timesteps(sigmas=list(numpy.linspace(1.0, 1 / steps, steps)), mu=mu)
+    else:
+        scheduler.set_timesteps(steps)
     t = scheduler.timesteps[i].expand(len(x))
     p_cond, p_uncond = (family.predict(model, x, t, c) for c in (cond, uncond))
     pred = p_uncond + guidance * (p_cond - p_uncond)

@@ -40,7 +40,8 @@ def rounds(run: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("objective", ["grpo", "pref_grpo", "nft"])
-@pytest.mark.parametrize("model", ["tiny:sd15", "tiny:sd2v", "tiny:sdxl", "tiny:sd3"])
+@pytest.mark.parametrize("model", ["tiny:sd15", "tiny:sd2v", "tiny:sdxl", "tiny:sd3", "tiny:sd35", "tiny:flux",
+                                   "tiny:flux-schnell"])
 def test_every_online_objective_trains_on_every_family(tmp_path, objective, model):
     extra = {"objective.grpo.kl_coef": 0.01} if objective == "grpo" else {}
     result = train(online_cfg(tmp_path, objective, **{"model.pretrained": model, **extra}))

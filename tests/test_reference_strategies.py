@@ -13,7 +13,7 @@ from diffalign.config import load_config
 from diffalign.families import load_components
 from diffalign.training.trainer import train
 
-FAMILIES = ["sd15", "sd2v", "sdxl", "sd3"]
+FAMILIES = ["sd15", "sd2v", "sdxl", "sd3", "flux"]
 # (lora.enabled, objective.reference): lora_disabled needs adapters; "none" is the reference-free objectives'
 # strategy, trained with every family in test_objective_training.py.
 STRATEGIES = [(True, "lora_disabled"), (True, "frozen_copy"), (True, "ema"), (False, "frozen_copy"), (False, "ema")]

@@ -9,7 +9,7 @@ from conftest import ROOT, assert_cached_and_uncached_train_alike, tiny_override
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from safetensors import safe_open
 
-from diffalign.config import Config, TimestepConfig, load_config
+from diffalign.config import Config, ModelConfig, TimestepConfig, load_config
 from diffalign.errors import ConfigError
 from diffalign.families import load_components
 from diffalign.families.sd3 import flow_matching_noisy, flow_matching_target, shift_levels, unshift_levels
@@ -203,3 +203,18 @@ def test_full_fine_tune_saves_a_transformer_folder_the_pipeline_takes(tmp_path):
 
 def _base_path(cfg) -> str:
     return resolve_model_spec(cfg.model.pretrained)
+
+
+def test_sd35_dual_attention_is_in_the_default_targets_and_loads_in_the_pipeline(tmp_path):
+    """SD3.5-medium's second attention (attn2, in its dual-attention blocks) is adapted by default, and the saved
+    LoRA puts it back in the stock pipeline; SD3 has no attn2 and its targets do not name one."""
+    sd3 = load_components(ModelConfig(pretrained=resolve_model_spec("tiny:sd3")))
+    assert not any(name.startswith("attn2") for name in sd3.family.lora_targets(sd3.denoiser))
+    run = build_tiny_lora(tmp_path / "lora", base="tiny:sd35")
+    with safe_open(str(run / "pytorch_lora_weights.safetensors"), framework="pt") as handle:
+        keys = list(handle.keys())
+    assert "transformer.transformer_blocks.0.attn2.to_q.lora_A.weight" in keys
+    assert not any("transformer_blocks.1.attn2" in key for key in keys)  # block 1 is not a dual-attention block
+    pipe = DiffusionPipeline.from_pretrained(resolve_model_spec("tiny:sd35"))
+    pipe.load_lora_weights(str(run))
+    assert hasattr(pipe.transformer.transformer_blocks[0].attn2.to_q, "lora_A")

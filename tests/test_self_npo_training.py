@@ -76,7 +76,8 @@ def test_tiny_captions_spec():
 
 # ---------------------------------------------------------------------------------------------- tiny model
 @pytest.mark.parametrize("model, prediction_type", [("tiny:sd15", "epsilon"), ("tiny:sd2v", "v_prediction"),
-                                                     ("tiny:sdxl", "epsilon"), ("tiny:sd3", "flow")])
+                                                     ("tiny:sdxl", "epsilon"), ("tiny:sd3", "flow"),
+                                                     ("tiny:sd35", "flow"), ("tiny:flux", "flow")])
 def test_self_npo_lowers_its_loss_on_a_fixed_batch_of_the_tiny_model(model, prediction_type):
     from diffalign.data.records import open_image
     from diffalign.families import load_components
@@ -86,8 +87,8 @@ def test_self_npo_lowers_its_loss_on_a_fixed_batch_of_the_tiny_model(model, pred
 
     components = load_components(ModelConfig(pretrained=model))
     family, denoiser = components.family, components.denoiser
-    if prediction_type == "flow":  # SD3: the velocity, t = 1000 sigma
-        assert family.name == "sd3"
+    if prediction_type == "flow":  # SD3 and FLUX: the velocity, t = 1000 sigma
+        assert family.flow_matching
     else:
         assert components.noise_scheduler.config.prediction_type == prediction_type
     records, _ = read_preferences(DataConfig(), resolve_data_spec("tiny:captions"))
@@ -98,8 +99,9 @@ def test_self_npo_lowers_its_loss_on_a_fixed_batch_of_the_tiny_model(model, pred
     cond = family.encode_prompts(components, [r.prompt for r in records])
     if family.needs_image_sizes:  # SDXL: each image's time ids, kept in the teacher's unconditional branch
         cond.update(family.image_cond(components, torch.tensor([32.0, 32.0, 0.0, 0.0]).expand(4, 1, 4)))
+    cond.update(family.run_cond(components, 4, "cpu"))  # FLUX.1-dev's guidance, kept in the teacher's uncond
     empty = family.encode_prompts(components, [""])
-    attach_lora(denoiser, LoraConfig(), family.default_lora_targets)
+    attach_lora(denoiser, LoraConfig(), family.lora_targets(denoiser))
     params = SelfNPOParams()
     reference = build_reference("ema", ObjectiveConfig(ema_decay=params.ema_decay, ema_update_every=1), True,
                                 denoiser, "cpu", torch.float32)

@@ -189,9 +189,9 @@ def test_every_tiny_config_trains_end_to_end(tmp_path, config):
         assert info["data"]["kept"] > 0
 
 
-@pytest.mark.parametrize("base", ["tiny:sd15", "tiny:sd2v", "tiny:sdxl", "tiny:sd3"])
+@pytest.mark.parametrize("base", ["tiny:sd15", "tiny:sd2v", "tiny:sdxl", "tiny:sd3", "tiny:sd35", "tiny:flux"])
 def test_segment_recipe_trains_one_lora_per_interval_and_samples(tmp_path, base):
-    """Every family: one LoRA per interval, each switched on in its own interval (SD3: t = 1000 sigma)."""
+    """Every family: one LoRA per interval, each switched on in its own interval (SD3, FLUX: t = 1000 sigma)."""
     config = "tiny_dpo_segments.yaml"
     from diffalign.guidance import load_pipeline, parse_segments
     from diffalign.training.segments import train_segments

@@ -116,7 +116,8 @@ def sample_command(args: argparse.Namespace) -> int:
     pipe, setup = open_pipeline(args, device, dtype)
     settings = SampleSettings(num_images=args.num_images, seed=args.seed, steps=args.steps,
                               guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
-                              height=args.height, width=args.width, batch_size=args.batch_size)
+                              height=args.height, width=args.width, batch_size=args.batch_size,
+                              true_cfg_scale=args.true_cfg)
     log = sample_to_folder(pipe, prompts, settings, args.out, setup)
     echo(f"{len(prompts) * args.num_images} images in {args.out}; per-image settings in {log}; "
          f"overview in {log.parent / 'overview' / 'grid.png'}")
@@ -145,8 +146,8 @@ def pairs_command(args: argparse.Namespace) -> int:
     names, paths, weights = reward_flags(args)
     settings = PairSettings(images_per_prompt=args.images_per_prompt, seed=args.seed, steps=args.steps,
                             guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
-                            batch_size=args.batch_size, selection=args.selection, margin=args.margin,
-                            kto_fraction=args.kto_fraction, format=args.format).validate()
+                            true_cfg_scale=args.true_cfg, batch_size=args.batch_size, selection=args.selection,
+                            margin=args.margin, kto_fraction=args.kto_fraction, format=args.format).validate()
     device, dtype = pick_device(args)
     if args.prompts is not None:  # a file, or any prompt set eval takes
         prompts = load_prompts(args.prompts, limit=args.limit, source=args.prompts_source)
@@ -168,7 +169,7 @@ def eval_command(args: argparse.Namespace) -> int:
     rewards = build_rewards(names, paths, device)
     settings = SampleSettings(num_images=args.num_images, seed=args.seed, steps=args.steps,
                               guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
-                              batch_size=args.batch_size)
+                              batch_size=args.batch_size, true_cfg_scale=args.true_cfg)
     report = run_eval(args.model, setups, prompts, rewards, settings, args.out, confidence=args.confidence,
                       resamples=args.resamples, device=device, torch_dtype=dtype)
     echo(report.markdown, *(f"{key + ':':<10}{report.paths[key]}" for key in RESULT_KEYS))

@@ -33,6 +33,7 @@ TINY_EXAMPLES = """examples:
   diffalign tiny model /tmp/tiny-sd2v --model sd2v          # SD2.x-shaped, v-prediction
   diffalign tiny model /tmp/tiny-sdxl --model sdxl          # SDXL-shaped: two text encoders, time ids
   diffalign tiny model /tmp/tiny-sd3 --model sd3            # SD3-shaped: flow-matching MMDiT, CLIP x2 + T5
+  diffalign tiny model /tmp/tiny-flux --model flux          # FLUX.1-dev-shaped: packed latents, embedded guidance
   diffalign tiny data /tmp/tiny-pairs --num-pairs 64
   diffalign tiny reward /tmp/tiny-hps --reward hpsv21
   diffalign tiny lora /tmp/tiny-lora --base tiny:sd15

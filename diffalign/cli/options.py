@@ -64,6 +64,9 @@ def add_sampling_options(parser: argparse.ArgumentParser, steps: int, guidance: 
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--guidance", type=float, default=guidance, help="classifier-free guidance scale")
     parser.add_argument("--negative-prompt", default=None)
+    parser.add_argument("--true-cfg", type=float, default=None, metavar="SCALE",
+                        help="FLUX: true classifier-free guidance with this scale (runs a negative branch; --npo on "
+                             "FLUX needs it, e.g. 4.0; --guidance stays the embedded guidance value)")
     parser.add_argument("--batch-size", type=int, default=batch_size, help="images per pipeline call")
     add_device_options(parser)
 

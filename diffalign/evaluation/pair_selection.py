@@ -25,6 +25,7 @@ class PairSettings:
     steps: int = 20
     guidance_scale: float = 4.0
     negative_prompt: str | None = None
+    true_cfg_scale: float | None = None  # FLUX: true CFG's scale (a negative branch; NPO guidance there needs it)
     batch_size: int = 8  # images per pipeline call, across groups
     selection: str = "best_worst"  # best_worst: one pair per group; all: every pair whose gap exceeds margin
     margin: float = 0.0  # a pair (or group spread) with gap <= margin is not a preference

@@ -53,6 +53,7 @@ from diffalign.evaluation.pair_selection import (
     relocated,
     select_pairs,
 )
+from diffalign.guidance.sample import negative_kwargs
 from diffalign.images import labelled_grid, load_image
 from diffalign.rewards.base import require_scalar
 from diffalign.rewards.ensemble import zscore_ensemble
@@ -195,10 +196,10 @@ def generate_groups(pipe, prompts: list[str], todo: list[int], rewards: dict, se
         for batch in windows:
             images = pipe(
                 [prompts[i] for i, _, _ in batch],
-                negative_prompt=[settings.negative_prompt] * len(batch) if settings.negative_prompt else None,
                 num_inference_steps=settings.steps,
                 guidance_scale=settings.guidance_scale,
                 generator=[torch.Generator(device="cpu").manual_seed(seed) for *_, seed in batch],
+                **negative_kwargs(settings, len(batch)),
             ).images
             for (i, j, _), image in zip(batch, images):
                 if i not in wanted:  # finished earlier, from this same window

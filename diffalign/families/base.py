@@ -76,6 +76,9 @@ class Family:
     needs_image_sizes: bool = False
     # Rectified-flow noise (x_t = (1 - t) x0 + t eps, velocity target) instead of a DDPM schedule.
     flow_matching: bool = False
+    # The family's pipeline passes timestep / this to its denoiser (FLUX: sigma = t / 1000); the adapter router
+    # multiplies it back, so segment intervals are always in training timesteps.
+    pipeline_timestep_scale: float = 1.0
 
     def load(self, model_cfg, resolved_path: str) -> DiffusionComponents:
         """Load the checkpoint's denoiser, VAE, text encoders, tokenizers and training scheduler.
@@ -204,6 +207,10 @@ class Family:
         """The family's stock diffusers pipeline over ``components`` (with ``denoiser`` in place of the loaded one
         when given), for validation images and sampling."""
         raise NotImplementedError
+
+    @staticmethod
+    def configure_pipeline(pipe) -> None:
+        """Adjust a freshly loaded pipeline of this family (``load_pipeline``, ``build_pipeline``); default none."""
 
     def save_lora(self, directory: str, lora_state_dict: dict, adapter_metadata: dict) -> None:
         """Write ``lora_state_dict`` (peft key names) in the file format the family's pipeline loads."""

@@ -79,6 +79,7 @@ class FluxFamily(StableDiffusion3Family):
     # output projection is shared with the MLP, proj_out, and is left alone).
     default_lora_targets = StableDiffusion3Family.default_lora_targets
     patch = 2  # the pipeline's 2x2 packing (the transformer's own patch_size is 1)
+    pipeline_timestep_scale = 1000.0  # FluxPipeline passes sigma = t / 1000 to the transformer
 
     def load(self, model_cfg, resolved_path: str) -> DiffusionComponents:
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
@@ -189,9 +190,17 @@ class FluxFamily(StableDiffusion3Family):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         (clip, t5), (clip_tokenizer, t5_tokenizer) = components.text_encoders, components.tokenizers
-        return self.pipeline_class()(
+        pipe = self.pipeline_class()(
             transformer=denoiser if denoiser is not None else components.denoiser,
             scheduler=FlowMatchEulerDiscreteScheduler.from_config(components.noise_scheduler.config),
             vae=components.vae, text_encoder=clip, tokenizer=clip_tokenizer, text_encoder_2=t5,
             tokenizer_2=t5_tokenizer,
         )
+        self.configure_pipeline(pipe)
+        return pipe
+
+    @staticmethod
+    def configure_pipeline(pipe) -> None:
+        """Make the pipeline's default size the VAE's native one: ``FluxPipeline`` hard-codes 128 latents, which
+        is FLUX.1's 1024 px at its 8x VAE but not a smaller model's (the tiny one would sample at 512 px)."""
+        pipe.default_sample_size = pipe.vae.config.sample_size // pipe.vae_scale_factor

@@ -27,6 +27,18 @@ class SampleSettings:
     height: int | None = None
     width: int | None = None
     batch_size: int = 4
+    true_cfg_scale: float | None = None  # FLUX: true CFG's scale (a negative branch; NPO guidance there needs it)
+
+
+def negative_kwargs(settings, count: int) -> dict:
+    """The pipeline's negative-prompt arguments for ``count`` images of ``settings`` (``SampleSettings`` or
+    ``PairSettings``): with ``true_cfg_scale`` (FluxPipeline's true CFG, which runs only with a negative prompt),
+    the scale and the negative prompt, the empty one when none is given."""
+    negative = settings.negative_prompt
+    true_cfg = getattr(settings, "true_cfg_scale", None)
+    if true_cfg is None:
+        return {"negative_prompt": [negative] * count if negative else None}
+    return {"negative_prompt": [negative or ""] * count, "true_cfg_scale": true_cfg}
 
 
 def sample_to_folder(pipe, prompts: list[str], settings: SampleSettings, out_dir: str | Path,
@@ -53,12 +65,12 @@ def sample_to_folder(pipe, prompts: list[str], settings: SampleSettings, out_dir
             batch = jobs[start : start + settings.batch_size]
             images = pipe(
                 [prompt for _, _, prompt, _ in batch],
-                negative_prompt=[settings.negative_prompt] * len(batch) if settings.negative_prompt else None,
                 num_inference_steps=settings.steps,
                 guidance_scale=settings.guidance_scale,
                 height=settings.height,
                 width=settings.width,
                 generator=[torch.Generator(device="cpu").manual_seed(seed) for *_, seed in batch],
+                **negative_kwargs(settings, len(batch)),
             ).images
             for (i, j, prompt, seed), image in zip(batch, images):
                 file_name = f"{i:04d}_{j:02d}.png"

@@ -25,8 +25,15 @@ import torch
 from diffalign.families import MODEL_SOURCES
 from diffalign.logs import get_logger
 from diffalign.offline.data import build_tiny_pairs
-from diffalign.offline.models import (build_tiny_flux, build_tiny_flux_schnell, build_tiny_sd2v, build_tiny_sd3,
-                                      build_tiny_sd15, build_tiny_sd35, build_tiny_sdxl)
+from diffalign.offline.models import (
+    build_tiny_flux,
+    build_tiny_flux_schnell,
+    build_tiny_sd2v,
+    build_tiny_sd3,
+    build_tiny_sd15,
+    build_tiny_sd35,
+    build_tiny_sdxl,
+)
 from diffalign.offline.toy_base import TOY_VERSION, build_toy_base
 from diffalign.paths import build_atomically, cache_root
 from diffalign.registry import Registry

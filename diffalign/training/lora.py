@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import torch
+import yaml
 from diffusers.utils import convert_state_dict_to_kohya, convert_unet_state_dict_to_peft
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -15,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from diffalign.errors import ConfigError, ModelError
+from diffalign.training.kohya_flux import flux_to_kohya, is_flux_lora
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
@@ -85,11 +87,19 @@ def load_lora_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> N
         raise ModelError(f"LoRA state has keys the model does not: {unexpected[:3]}")
 
 
-def export_kohya(run_dir: str | Path, out_path: str | Path | None = None, prefix: str = "unet") -> Path:
+def export_kohya(run_dir: str | Path, out_path: str | Path | None = None, prefix: str = "unet",
+                 family: str | None = None) -> Path:
     """Convert a run's diffusers LoRA file to the kohya / ComfyUI / A1111 key format.
 
-    diffusers' converter writes each module's ``.alpha`` as the rank; we write the real alpha from the saved
-    adapter metadata, so a LoRA trained with alpha != rank keeps its strength in other tools.
+    UNet LoRAs (SD1.x/2.x, SDXL: keys under ``unet.``) go through diffusers' converter; diffusers writes each
+    module's ``.alpha`` as the rank, we write the real alpha from the saved adapter metadata, so a LoRA trained with
+    alpha != rank keeps its strength in other tools. FLUX transformer LoRAs go to ``kohya_flux.flux_to_kohya``
+    (BFL's module names, fused qkv). A transformer LoRA counts as FLUX when ``family`` is "flux", when it has
+    single-stream blocks, or when the run's ``config.yaml`` (next to the file or one folder up) names a FLUX
+    model; SD3 LoRAs are refused.
+
+    Raises ``ModelError`` for a missing file, an SD3 (or unidentified) transformer LoRA, or modules the kohya
+    format cannot hold.
     """
     run_dir = Path(run_dir)
     source = run_dir / LORA_WEIGHT_NAME if run_dir.is_dir() else run_dir
@@ -98,21 +108,60 @@ def export_kohya(run_dir: str | Path, out_path: str | Path | None = None, prefix
     with safe_open(str(source), framework="pt") as handle:
         header = handle.metadata() or {}
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    alpha = _alpha_from_metadata(header)
     unet_tensors = {k.removeprefix(f"{prefix}."): v for k, v in tensors.items() if k.startswith(f"{prefix}.")}
-    if not unet_tensors:
+    metadata = {"ss_network_module": "networks.lora"}
+    if unet_tensors:
+        kohya = _unet_to_kohya(unet_tensors, prefix, _alpha_from_metadata(header))
+    elif any(key.startswith("transformer.") for key in tensors) and _transformer_family(tensors, source, family) == "flux":
+        kohya = flux_to_kohya(tensors, header)
+        metadata = {"ss_network_module": "networks.lora_flux", "ss_base_model_version": "flux1"}
+    else:
         adapted = sorted({key.split(".", 1)[0] for key in tensors})
         raise ModelError(f"{source} holds no '{prefix}.*' LoRA weights (it adapts: {', '.join(adapted)}). The kohya "
-                         "export converts UNet LoRAs (SD1.x/2.x, SDXL); an SD3 transformer LoRA stays in the diffusers "
-                         "format: load it with pipe.load_lora_weights")
+                         "export converts UNet LoRAs (SD1.x/2.x, SDXL) and FLUX.1 LoRAs; an SD3 transformer LoRA stays "
+                         "in the diffusers format: load it with pipe.load_lora_weights (a FLUX LoRA without "
+                         "single-stream blocks, outside a run folder: export_kohya(..., family='flux'))")
+    out_path = Path(out_path) if out_path else source.parent / KOHYA_WEIGHT_NAME
+    save_file({k: v.contiguous() for k, v in kohya.items()}, str(out_path), metadata=metadata)
+    return out_path
+
+
+def _unet_to_kohya(unet_tensors: dict[str, torch.Tensor], prefix: str, alpha: float | None) -> dict:
     peft_state = {f"{prefix}.{k}": v for k, v in convert_unet_state_dict_to_peft(unet_tensors).items()}
     kohya = convert_state_dict_to_kohya(peft_state)
     for key in kohya:
         if key.endswith(".alpha") and alpha is not None:
             kohya[key] = torch.tensor(float(alpha))
-    out_path = Path(out_path) if out_path else source.parent / KOHYA_WEIGHT_NAME
-    save_file({k: v.contiguous() for k, v in kohya.items()}, str(out_path), metadata={"ss_network_module": "networks.lora"})
-    return out_path
+    return kohya
+
+
+def _transformer_family(tensors: dict, source: Path, family: str | None) -> str | None:
+    """"flux", another family's name, or None when unknown (SD3 and FLUX share the double-block key names)."""
+    if family is not None:
+        return family
+    if is_flux_lora(tensors):
+        return "flux"
+    return _run_family(source)
+
+
+def _run_family(source: Path) -> str | None:
+    """The family of the run that saved ``source``: its ``config.yaml`` sits next to the weights (run folder) or one
+    folder up (``checkpoint-N``); ``model.family``, else detected from ``model.pretrained``'s model_index.json.
+    None when there is no readable config or the base model cannot be reached."""
+    from diffalign.families import detect_family, resolve_pretrained
+
+    for folder in (source.parent, source.parent.parent):
+        config = folder / "config.yaml"
+        if not config.is_file():
+            continue
+        try:
+            model = (yaml.safe_load(config.read_text()) or {}).get("model") or {}
+            if model.get("family", "auto") != "auto":
+                return model["family"]
+            return detect_family(resolve_pretrained(model["pretrained"]), model.get("revision")).name
+        except (OSError, KeyError, AttributeError, ValueError, yaml.YAMLError):  # no base to ask: unknown
+            return None
+    return None
 
 
 def _alpha_from_metadata(header: dict) -> float | None:
