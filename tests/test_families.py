@@ -124,6 +124,8 @@ def test_trained_lora_reloads_in_the_stock_pipeline_in_a_fresh_process(family_mo
                       tiny_overrides(tmp_path / "run", **{"model.pretrained": path, "lora.rank": 4, "lora.alpha": 8,
                                                           "train.max_steps": 3, "train.learning_rate": 5e-3}))
     result = train(cfg)
+    card = (result.output_dir / "README.md").read_text()
+    assert ("--format kohya" in card) == (not name.startswith("sd3"))  # SD3's LoRA has no kohya layout
     components = load_components(cfg.model)
     pipe = components.family.build_pipeline(components, result.denoiser.float())
     pipe.set_progress_bar_config(disable=True)

@@ -181,3 +181,21 @@ def test_online_rounds_embed_the_guidance_scale_on_dev_and_run_cfg_on_schnell(tm
         assert cond["guidance"].tolist() == [3.5, 3.5] and uncond is None
     else:  # [schnell]: no guidance input; CFG as for any other model
         assert "guidance" not in cond and uncond is not None and "guidance" not in uncond
+
+
+def test_sample_command_runs_npo_guidance_on_flux_with_true_cfg(tmp_path, capsys):
+    from PIL import Image
+
+    from diffalign.cli import main
+    from diffalign.offline.lora import build_tiny_lora
+
+    path = resolve_model_spec("tiny:flux")
+    lora, npo = (build_tiny_lora(tmp_path / name, base=path, seed=seed) for name, seed in (("pos", 1), ("npo", 2)))
+    common = ["sample", "--model", path, "--prompt", "a red square", "--lora", str(lora), "--npo", str(npo),
+              "--steps", "2", "--guidance", "3.5"]
+    assert main([*common, "--out", str(tmp_path / "refused")]) == 2
+    assert "NPO guidance needs true CFG" in capsys.readouterr().err
+    assert main([*common, "--true-cfg", "4", "--out", str(tmp_path / "out")]) == 0
+    record = json.loads((tmp_path / "out" / "samples.jsonl").read_text().splitlines()[0])
+    assert record["true_cfg_scale"] == 4.0
+    assert Image.open(tmp_path / "out" / record["file_name"]).size == (32, 32)  # the VAE's native size

@@ -76,6 +76,8 @@ class Family:
     needs_image_sizes: bool = False
     # Rectified-flow noise (x_t = (1 - t) x0 + t eps, velocity target) instead of a DDPM schedule.
     flow_matching: bool = False
+    # Whether ``diffalign export --format kohya`` converts this family's LoRA (SD3's has no kohya layout).
+    kohya_export: bool = True
     # The family's pipeline passes timestep / this to its denoiser (FLUX: sigma = t / 1000); the adapter router
     # multiplies it back, so segment intervals are always in training timesteps.
     pipeline_timestep_scale: float = 1.0

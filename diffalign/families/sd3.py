@@ -61,6 +61,7 @@ class StableDiffusion3Family(Family):
     denoiser_class_name = "SD3Transformer2DModel"
     default_timestep_density = "logit_normal"
     flow_matching = True
+    kohya_export = False
     # The attention projections of every joint block, image and text streams (diffusers' SD3 LoRA script);
     # the last block has no to_add_out (context_pre_only), which peft simply skips.
     default_lora_targets = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",

@@ -4,8 +4,9 @@
     SAMPLERS.names()                                        # ['ddim', 'dpm', ..., 'flow_euler']
 
 Each entry names a diffusers scheduler class, built with ``from_config`` from the pipeline's own scheduler
-config (so the noise schedule, prediction type and SD3's shift are kept). DDPM-schedule samplers fit SD1.x, SD2.x
-and SDXL; ``flow_euler`` fits flow-matching models (SD3). A sampler that does not fit the model is refused.
+config (so the noise schedule, prediction type, SD3's shift and FLUX's dynamic shifting are kept). DDPM-schedule
+samplers fit SD1.x, SD2.x and SDXL; ``flow_euler`` fits flow-matching models (SD3, FLUX). A sampler that does not
+fit the model is refused.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from diffalign.registry import Registry
 @dataclass(frozen=True)
 class Sampler:
     scheduler_class: str  # the diffusers class name
-    flow_matching: bool = False  # True: for flow-matching models (SD3); False: for DDPM-schedule models
+    flow_matching: bool = False  # True: for flow-matching models (SD3, FLUX); False: for DDPM-schedule models
 
 
 SAMPLERS: Registry[Sampler] = Registry("sampler", "--scheduler")
@@ -45,7 +46,7 @@ SAMPLERS.register("unipc", Sampler("UniPCMultistepScheduler"),
                   description="UniPC predictor-corrector multistep: few steps",
                   source="Zhao et al. 2023 (UniPC, arXiv 2302.04867); diffusers UniPCMultistepScheduler")
 SAMPLERS.register("flow_euler", Sampler("FlowMatchEulerDiscreteScheduler", flow_matching=True),
-                  description="Euler steps of the flow-matching ODE, for SD3 (its default)",
+                  description="Euler steps of the flow-matching ODE, for SD3 and FLUX (their default)",
                   source="Esser et al. 2024 (SD3, arXiv 2403.03206); diffusers FlowMatchEulerDiscreteScheduler")
 
 

@@ -10,9 +10,11 @@ A segments file (``segments.yaml``, written by segment training and read by ``lo
       - lora: runs/segments/late
         interval: [0, 500]
 
-Outside every interval the base model runs. Intervals are in the timesteps the denoiser receives: 0..999 on
-SD's DDPM schedule, and t = 1000 sigma for flow-matching models (SD3), so [500, 1000) is sigma in [0.5, 1]: an
+Outside every interval the base model runs. Intervals are in the family's training timesteps: 0..999 on SD's
+DDPM schedule, and t = 1000 sigma for flow-matching models (SD3, FLUX), so [500, 1000) is sigma in [0.5, 1]: an
 interval that reaches the top of the schedule also holds t = 1000, the pure-noise first step of flow samplers.
+FluxPipeline passes sigma itself to its transformer; the router multiplies it by the family's
+``pipeline_timestep_scale`` (1000) first, so one segments file means the same on every family.
 """
 
 from __future__ import annotations

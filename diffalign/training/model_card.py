@@ -45,7 +45,9 @@ from diffusers import DiffusionPipeline
 pipe = DiffusionPipeline.from_pretrained("{base_path}")
 pipe.load_lora_weights("{output_dir}")
 image = pipe("a photo of a cat").images[0]
-```
+```"""
+
+KOHYA_NOTE = """
 
 For ComfyUI / A1111, export the kohya format: `diffalign export {output_dir} --format kohya`."""
 
@@ -117,6 +119,7 @@ def how_to_load(cfg: Config, family, output_dir: Path, base_path: str) -> str:
     """Python that loads the weights with stock diffusers (plus the kohya export for a LoRA)."""
     if cfg.lora.enabled:
         text = LOAD_LORA.format(base_path=base_path, output_dir=output_dir)
+        text += KOHYA_NOTE.format(output_dir=output_dir) if family.kohya_export else ""
     else:
         text = LOAD_FULL.format(denoiser_class=family.denoiser_class_name, component=family.denoiser_subfolder,
                                 output_dir=output_dir, base_path=base_path)
