@@ -43,11 +43,12 @@ def timed(reward, images, prompts, batch_size: int) -> tuple[float, torch.Tensor
 
 
 def main() -> None:
-    from diffalign.rewards import available_rewards, build_reward
-    from diffalign.rewards.tiny import build_tiny_reward
+    from diffalign.rewards import build_reward
+    from diffalign.rewards.tiny import TINY_REWARDS, build_tiny_reward
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rewards", default=",".join(available_rewards()))
+    # the scalar rewards with a tiny version (pairwise judges compare images, they do not score them)
+    parser.add_argument("--rewards", default=",".join(TINY_REWARDS))
     parser.add_argument("--weights", action="append", default=[], help="NAME=PATH for real weights (else tiny)")
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=256)

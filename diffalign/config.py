@@ -43,6 +43,8 @@ class ModelConfig:
     vae: str | None = None  # a separate VAE folder/hub id, e.g. madebyollin/sdxl-vae-fp16-fix (SDXL's VAE: fp32)
     # FLUX.1-dev: the guidance value embedded in every training forward (families/flux.py says why 1.0)
     flux_guidance: float = 1.0
+    # LoRA runs: store the frozen base quantised (none | int8 | fp8 | nf4; training/speed.py says which library)
+    quantize: str = "none"
 
 
 @dataclass
@@ -126,6 +128,8 @@ class TrainConfig:
     use_8bit_adam: bool = False  # needs the bitsandbytes extra and a CUDA GPU
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
+    compile: str = "off"  # off | denoiser | blocks (torch.compile of each repeated block: short compile times)
+    attention: str = "sdpa"  # sdpa | xformers (CUDA only)
     mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 needs a GPU)
     allow_tf32: bool = True
     checkpointing_steps: int = 500
@@ -177,11 +181,22 @@ class Config:
         return raw
 
     def validate(self) -> Config:
+        # YAML 1.1 reads a bare `no` / `off` as false, which a string field receives as "False"
+        if self.train.mixed_precision == "False":
+            self.train.mixed_precision = "no"
+        if self.train.compile == "False":
+            self.train.compile = "off"
         check_choice("train.mixed_precision", self.train.mixed_precision, ["no", "bf16", "fp16"])
         check_choice("data.format", self.data.format, ["auto", "pickapic", "chosen_rejected", "labelled", "ranked", "jsonl",
                                                        "hpdv2"])
         check_choice("data.cache_dtype", self.data.cache_dtype, ["float32", "float16", "bfloat16"])
         check_choice("log.report_to", self.log.report_to, ["tensorboard", "wandb", "none"])
+        check_choice("train.compile", self.train.compile, ["off", "denoiser", "blocks"])
+        check_choice("train.attention", self.train.attention, ["sdpa", "xformers"])
+        check_choice("model.quantize", self.model.quantize, ["none", "int8", "fp8", "nf4"])
+        if self.model.quantize != "none" and not self.lora.enabled:
+            raise ConfigError(f"model.quantize={self.model.quantize} quantises the frozen base of a LoRA run; full "
+                              "fine-tuning trains those weights (set lora.enabled=true or model.quantize=none)")
         for key, value in [
             ("train.max_steps", self.train.max_steps),
             ("train.batch_size", self.train.batch_size),

@@ -60,7 +60,8 @@ def open_pipeline(args: argparse.Namespace, device: str, dtype) -> tuple[object,
     adapters = {"lora": args.lora, "npo": args.npo, "npo_merge_weight": args.npo_merge_weight,
                 "segments": args.segments}
     adapters.update({key: getattr(args, key) for key in ("lora_scale", "npo_scale") if hasattr(args, key)})
-    pipe = load_pipeline(args.model, **adapters, scheduler=args.scheduler, torch_dtype=dtype, device=device)
+    speed = {key: getattr(args, key) for key in ("compile", "attention") if getattr(args, key, None)}
+    pipe = load_pipeline(args.model, **adapters, **speed, scheduler=args.scheduler, torch_dtype=dtype, device=device)
     setup = {"model": args.model, **adapters, "scheduler": args.scheduler or type(pipe.scheduler).__name__}
     return pipe, setup
 
@@ -162,7 +163,7 @@ def pairs_command(args: argparse.Namespace) -> int:
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    setups = parse_setups(args.setup, scheduler=args.scheduler)
+    setups = parse_setups(args.setup, scheduler=args.scheduler, compile=args.compile, attention=args.attention)
     names, paths, _ = reward_flags(args)
     prompts = load_prompts(args.prompts, limit=args.limit, source=args.prompts_source)
     device, dtype = pick_device(args)

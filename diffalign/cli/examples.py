@@ -23,6 +23,8 @@ TRAIN_EXAMPLES = """examples:
   diffalign train configs/sd15_dpo.yaml data.source=/data/HPD                         # HPDv2 train.json pairs
   diffalign train configs/sd15_rank_dpo.yaml data.source=/data/HPD data.split=test    # HPDv2 test.json rankings
   accelerate launch --num_processes 2 scripts/train.py --config configs/sd15_dpo.yaml
+  diffalign train configs/tiny_flux_dpo.yaml                  # FLUX.1-dev-shaped tiny model, offline
+  diffalign train configs/flux_dev_dpo.yaml model.quantize=int8 train.compile=blocks   # 24 GB card plan (GPU)
 
 Overrides are dotted keys with YAML values; unknown keys are errors that name the closest valid key.
 The run folder gets config.yaml, pytorch_lora_weights.safetensors, README.md, samples/, logs/, checkpoint-N/.
@@ -47,6 +49,8 @@ SAMPLE_EXAMPLES = """examples:
   diffalign sample --model tiny:sd15 --prompts prompts.txt --segments runs/tiny_dpo_segments/segments.yaml
   diffalign sample --model stable-diffusion-v1-5/stable-diffusion-v1-5 --prompt-set everyday \\
       --npo runs/sd15_npo --scheduler dpm --steps 25 --guidance 7.5
+  diffalign sample --model black-forest-labs/FLUX.1-dev --prompt "a fox" --lora runs/flux_dev_dpo \
+      --npo runs/flux_npo --true-cfg 4 --guidance 3.5 --compile blocks   # FLUX: NPO needs true CFG
 Writes one PNG per image, samples.jsonl (prompt, seed and settings of each image) and overview/grid.png.
 Image j of prompt i uses seed SEED + i * NUM_IMAGES + j, so setups sampled with one seed compare image by image.
 """

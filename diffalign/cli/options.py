@@ -50,6 +50,14 @@ def add_scheduler_option(parser: argparse.ArgumentParser, help_prefix: str = "")
                         help=f"{help_prefix}{', '.join(SAMPLERS)} (diffalign list samplers); default: the model's own")
 
 
+def add_speed_options(parser: argparse.ArgumentParser) -> None:
+    """--compile and --attention: the training run's train.compile and train.attention, for sampling."""
+    parser.add_argument("--compile", default=None, choices=["off", "denoiser", "blocks"],
+                        help="torch.compile the denoiser's repeated blocks (blocks) or all of it (denoiser)")
+    parser.add_argument("--attention", default=None, choices=["sdpa", "xformers"],
+                        help="attention backend (default sdpa; xformers needs CUDA and the xformers extra)")
+
+
 def add_adapter_options(parser: argparse.ArgumentParser) -> None:
     """The adapters of ``load_pipeline``: --lora, --npo, --npo-merge-weight, --segments, --scheduler."""
     parser.add_argument("--lora", help="positive LoRA: run folder or .safetensors")

@@ -18,6 +18,7 @@ from diffalign.cli.options import (
     add_reward_options,
     add_sampling_options,
     add_scheduler_option,
+    add_speed_options,
     pixel_limit,
 )
 from diffalign.evaluation.pair_selection import SELECTIONS, VIEWS
@@ -91,6 +92,7 @@ def add_sample(subcommands) -> None:
     sample.add_argument("--npo-scale", type=float, default=1.0, help="weight of the NPO LoRA")
     sample.add_argument("--num-images", type=int, default=1, help="images per prompt")
     add_sampling_options(sample, steps=25, guidance=7.5, batch_size=4)
+    add_speed_options(sample)
     sample.add_argument("--height", type=int, default=None)
     sample.add_argument("--width", type=int, default=None)
     sample.add_argument("--out", default="samples", help="output folder")
@@ -151,6 +153,7 @@ def add_eval(subcommands) -> None:
     evaluate.add_argument("--num-images", type=int, default=1, help="images per prompt")
     add_sampling_options(evaluate, steps=25, guidance=7.5, batch_size=4)
     add_scheduler_option(evaluate, help_prefix="for every setup without its own: ")
+    add_speed_options(evaluate)
     evaluate.add_argument("--confidence", type=float, default=0.95, help="level of the bootstrap interval")
     evaluate.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples")
     evaluate.add_argument("--out", default="eval", help="output folder")

@@ -52,7 +52,7 @@ from diffalign.text import write_jsonl
 logger = get_logger(__name__)
 
 SETUP_KEYS = {"lora": str, "npo": str, "npo_merge_weight": float, "segments": str, "lora_scale": float,
-              "npo_scale": float, "scheduler": str}
+              "npo_scale": float, "scheduler": str, "compile": str, "attention": str}
 SETUP_NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 GRID_ROWS = 8
 
@@ -84,17 +84,20 @@ def parse_setup(text: str) -> tuple[str, dict]:
     return name, check_setup(name, kwargs)
 
 
-def parse_setups(texts: list[str], scheduler: str | None = None) -> dict[str, dict]:
-    """Repeated ``--setup`` values -> {name: kwargs}; ``scheduler`` applies to every setup (base included) that
-    names none."""
+def parse_setups(texts: list[str], scheduler: str | None = None, compile: str | None = None,
+                 attention: str | None = None) -> dict[str, dict]:
+    """Repeated ``--setup`` values -> {name: kwargs}; ``scheduler``, ``compile`` and ``attention`` apply to every
+    setup (base included) that names none."""
     setups = {}
     for text in texts:
         name, kwargs = parse_setup(text)
         if name in setups:
             raise ConfigError(f"setup '{name}' is given twice; give each setup a distinct name")
         setups[name] = kwargs
-    if scheduler:
-        setups = {name: {"scheduler": scheduler, **kwargs} for name, kwargs in {"base": {}, **setups}.items()}
+    shared = {key: value for key, value in (("scheduler", scheduler), ("compile", compile),
+                                            ("attention", attention)) if value}
+    if shared:
+        setups = {name: {**shared, **kwargs} for name, kwargs in {"base": {}, **setups}.items()}
     return setups
 
 

@@ -44,6 +44,7 @@ from diffalign.families import detect_family, resolve_pretrained
 from diffalign.guidance.samplers import set_scheduler
 from diffalign.guidance.segments import Segment, parse_segments
 from diffalign.training.lora import LORA_WEIGHT_NAME
+from diffalign.training.speed import check_speed_settings, compile_denoiser, set_attention
 
 
 def lora_file(path: str | Path) -> Path:
@@ -288,7 +289,8 @@ def install_router(pipe, denoiser_name: str, router: AdapterRouter) -> None:
 
 def load_pipeline(base: str, lora: str | None = None, npo: str | None = None, npo_merge_weight: float = 0.0,
                   segments=None, lora_scale: float = 1.0, npo_scale: float = 1.0, scheduler: str | None = None,
-                  torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None):
+                  torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                  compile: str = "off", attention: str = "sdpa"):
     """A stock diffusers pipeline for ``base`` (hub id, folder or tiny:<family>) with diffalign's adapter routing.
 
     Args:
@@ -305,6 +307,8 @@ def load_pipeline(base: str, lora: str | None = None, npo: str | None = None, np
         scheduler: replace the pipeline's scheduler by name, one of ``SAMPLERS`` (ddim, dpm, euler, euler_a, pndm,
             ddpm, unipc; for flow-matching models such as SD3 and FLUX: flow_euler).
         torch_dtype, device: as ``DiffusionPipeline.from_pretrained`` and ``pipe.to`` take them.
+        compile, attention: ``train.compile`` and ``train.attention`` for sampling (``training.speed``): off,
+            denoiser or blocks; sdpa or xformers (CUDA only, refused elsewhere before anything loads).
 
     Returns:
         the diffusers pipeline; ``pipe.adapter_router`` (an ``AdapterRouter``) when any adapter is loaded.
@@ -318,6 +322,8 @@ def load_pipeline(base: str, lora: str | None = None, npo: str | None = None, np
 
     if not 0.0 <= npo_merge_weight <= 1.0:
         raise ConfigError(f"npo_merge_weight must be in [0, 1], got {npo_merge_weight}")
+    target = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_speed_settings(attention, compile, target)
     path = resolve_pretrained(base)
     family = detect_family(path)
     # Fail on bad LoRA paths and segment specs before loading multi-GB weights.
@@ -344,6 +350,8 @@ def load_pipeline(base: str, lora: str | None = None, npo: str | None = None, np
     )
     if named_files:
         install_router(pipe, denoiser_name, router)
+    set_attention(denoiser, attention)
+    compile_denoiser(denoiser, compile)  # blocks: the router's per-call adapter switch stays outside the graphs
     if device is not None:
         pipe.to(device)
     return pipe

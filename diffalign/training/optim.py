@@ -21,7 +21,11 @@ def build_optimizer(params, train_cfg, learning_rate: float) -> torch.optim.Opti
         except ImportError as error:
             raise ConfigError("train.use_8bit_adam=true needs bitsandbytes: pip install 'diffalign[bitsandbytes]'") from error
         return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
+    params = list(params)
+    # The fused CUDA kernel updates every tensor in one launch instead of several per tensor (PyTorch's AdamW
+    # docs); it needs every parameter on CUDA, in a floating dtype.
+    fused = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, fused=fused, **kwargs)
 
 
 def effective_learning_rate(train_cfg, num_processes: int) -> float:

@@ -48,6 +48,7 @@ from diffalign.training.optim import (
     set_base_learning_rate,
 )
 from diffalign.training.reference import Reference, build_reference
+from diffalign.training.speed import compile_denoiser, quantize_frozen_base, set_attention
 from diffalign.training.steps import StepProcedure
 
 logger = get_logger(__name__)
@@ -106,6 +107,7 @@ def setup_model(cfg: Config, accelerator: Accelerator, objective: Objective, par
     denoiser = components.denoiser
     if cfg.lora.enabled:
         denoiser.to(device, **cast)
+        quantize_frozen_base(denoiser, cfg.model.quantize)  # before the LoRA: peft wraps the quantised layers
         attach_lora(denoiser, cfg.lora, family.lora_targets(denoiser))
     else:  # full fine-tune: fp32 master weights, autocast does the mixed precision
         denoiser.to(device).requires_grad_(True)
@@ -116,6 +118,8 @@ def setup_model(cfg: Config, accelerator: Accelerator, objective: Objective, par
     reference_cfg = dataclasses.replace(cfg.objective, **objective.reference_settings(params))
     strategy = resolve_reference(cfg)
     reference = build_reference(strategy, reference_cfg, cfg.lora.enabled, denoiser, device, weight_dtype)
+    set_attention(denoiser, cfg.train.attention)
+    compile_denoiser(denoiser, cfg.train.compile)  # after the reference copies it: the copy stays eager
     return ModelSetup(components, denoiser, reference, strategy, weight_dtype)
 
 

@@ -42,6 +42,7 @@ from diffalign.training.setup import (
     setup_optimization,
     start_run_folder,
 )
+from diffalign.training.speed import CompileWatch, check_speed_settings
 from diffalign.training.step import batch_tensors, step_generator
 from diffalign.training.steps import STEPS, StepContext, StepProcedure
 from diffalign.training.validation import log_validation
@@ -113,6 +114,8 @@ def setup_run(cfg: Config, accelerator: Accelerator, output_dir: Path) -> Run:
     step = STEPS.get(objective.step)
     if objective.data_kind == "prompts":  # sizes, rewards and prompts: refused before the model loads
         check_online(cfg, accelerator.num_processes)
+    check_speed_settings(cfg.train.attention, cfg.train.compile, accelerator.device, cfg.model.quantize,
+                         cfg.lora.enabled)
     torch.manual_seed(cfg.train.seed)
     if cfg.train.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -129,6 +132,7 @@ def training_loop(run: Run) -> LoopEnd:
     cfg, accelerator, optim, model = run.cfg, run.accelerator, run.optim, run.optim.denoiser
     guard = NonFiniteGuard(accelerator, optim.trainable, cfg.train, run.output_dir, optim.skipped_steps)
     window, clock = MetricWindow(accelerator), RunClock(optim.global_step)
+    compiled = CompileWatch(cfg.train.compile != "off")
     global_step, micro_step = optim.global_step, optim.global_step * accelerator.gradient_accumulation_steps
     checkpoint_due, last_metrics = False, {}
     progress = tqdm(total=cfg.train.max_steps, initial=global_step, desc="training",
@@ -155,12 +159,13 @@ def training_loop(run: Run) -> LoopEnd:
             progress.update(1)
             clock.step_done(global_step)
             guard.end_step(global_step)
+            compile_metrics = compiled.after_step(global_step)
             # A checkpoint falls due every checkpointing_steps; one due on a skipped step waits for the next applied
             # update, so checkpoints only ever follow a good step.
             checkpoint_due = checkpoint_due or global_step % cfg.train.checkpointing_steps == 0
             if global_step % cfg.log.every_n_steps == 0 or global_step == cfg.train.max_steps:
                 last_metrics = {**window.reduce(), "lr": optim.lr_scheduler.get_last_lr()[0],
-                                "skipped_steps": guard.skipped_steps}
+                                "skipped_steps": guard.skipped_steps, **compile_metrics}
                 accelerator.log(last_metrics, step=global_step)
                 progress.set_postfix({k: f"{v:.4g}" for k, v in last_metrics.items() if k in ("loss", "implicit_acc")})
             if cfg.log.validation_every_n_steps and global_step % cfg.log.validation_every_n_steps == 0:
