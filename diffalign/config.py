@@ -149,7 +149,7 @@ class LogConfig:
     )
     validation_seeds: list[int] = field(default_factory=lambda: [0, 1])
     validation_inference_steps: int = 25
-    validation_guidance_scale: float = 7.5
+    validation_guidance_scale: float | None = None  # None: the family's (7.5; FLUX 3.5)
 
 
 @dataclass
@@ -194,6 +194,9 @@ class Config:
         check_choice("train.compile", self.train.compile, ["off", "denoiser", "blocks"])
         check_choice("train.attention", self.train.attention, ["sdpa", "xformers"])
         check_choice("model.quantize", self.model.quantize, ["none", "int8", "fp8", "nf4"])
+        if self.model.flux_guidance < 0:
+            raise ConfigError(f"model.flux_guidance must be >= 0 (FLUX.1-dev's embedded guidance value; 1.0 keeps its "
+                              f"distilled guidance), got {self.model.flux_guidance}")
         if self.model.quantize != "none" and not self.lora.enabled:
             raise ConfigError(f"model.quantize={self.model.quantize} quantises the frozen base of a LoRA run; full "
                               "fine-tuning trains those weights (set lora.enabled=true or model.quantize=none)")

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from test_distributed import launch_two_processes
 
 from diffalign.config import ModelConfig, TimestepConfig, load_config
+from diffalign.errors import ConfigError
 from diffalign.families import load_components
 from diffalign.families.flux import calculate_shift, image_ids, pack_latents, unpack_latents
 from diffalign.families.sd3 import unshift_levels
@@ -163,24 +164,29 @@ def test_two_processes_share_the_cache_and_resume_exactly(tmp_path):
 
 
 @pytest.mark.parametrize("model", ["tiny:flux", "tiny:flux-schnell"])
-def test_online_rounds_embed_the_guidance_scale_on_dev_and_run_cfg_on_schnell(tmp_path, model):
+def test_online_rounds_embed_the_guidance_scale_on_dev_and_run_no_cfg_on_schnell(tmp_path, model):
     from accelerate import Accelerator
 
     from diffalign.objectives import get_objective
     from diffalign.online.rounds import OnlineRounds
 
-    cfg = load_config(ROOT / "configs" / "tiny_grpo.yaml", tiny_overrides(
-        tmp_path / "run", **{"model.pretrained": model, "online.guidance_scale": 3.5, "online.prompts_per_round": 2,
-                             "online.group_size": 2, "train.batch_size": 2}))
-    components = load_components(cfg.model)
-    objective = get_objective("grpo")
-    rounds = OnlineRounds(cfg, Accelerator(cpu=True), components, objective,
-                          objective.parse_params(cfg.objective.selected), torch.float32, tmp_path)
+    def rounds_with(guidance: float) -> OnlineRounds:
+        cfg = load_config(ROOT / "configs" / "tiny_grpo.yaml", tiny_overrides(
+            tmp_path / "run", **{"model.pretrained": model, "online.guidance_scale": guidance,
+                                 "online.prompts_per_round": 2, "online.group_size": 2, "train.batch_size": 2}))
+        objective = get_objective("grpo")
+        return OnlineRounds(cfg, Accelerator(cpu=True), load_components(cfg.model), objective,
+                            objective.parse_params(cfg.objective.selected), torch.float32, tmp_path)
+
+    if model == "tiny:flux-schnell":  # FluxPipeline samples schnell without guidance: rounds may not use CFG
+        with pytest.raises(ConfigError, match="schnell samples without CFG"):
+            rounds_with(3.5)
+    rounds = rounds_with(3.5 if model == "tiny:flux" else 1.0)
     cond, uncond = rounds.conditioning(["a red square", "a blue circle"])
     if model == "tiny:flux":  # [dev]: the value goes in as the pipeline's guidance_scale, and no CFG branch runs
         assert cond["guidance"].tolist() == [3.5, 3.5] and uncond is None
-    else:  # [schnell]: no guidance input; CFG as for any other model
-        assert "guidance" not in cond and uncond is not None and "guidance" not in uncond
+    else:  # [schnell]: no guidance input and no CFG branch
+        assert "guidance" not in cond and uncond is None
 
 
 def test_sample_command_runs_npo_guidance_on_flux_with_true_cfg(tmp_path, capsys):
@@ -194,8 +200,37 @@ def test_sample_command_runs_npo_guidance_on_flux_with_true_cfg(tmp_path, capsys
     common = ["sample", "--model", path, "--prompt", "a red square", "--lora", str(lora), "--npo", str(npo),
               "--steps", "2", "--guidance", "3.5"]
     assert main([*common, "--out", str(tmp_path / "refused")]) == 2
-    assert "NPO guidance needs true CFG" in capsys.readouterr().err
+    assert "NPO guidance on flux runs in true CFG's negative branch" in capsys.readouterr().err
     assert main([*common, "--true-cfg", "4", "--out", str(tmp_path / "out")]) == 0
     record = json.loads((tmp_path / "out" / "samples.jsonl").read_text().splitlines()[0])
     assert record["true_cfg_scale"] == 4.0
     assert Image.open(tmp_path / "out" / record["file_name"]).size == (32, 32)  # the VAE's native size
+
+
+def test_true_cfg_is_refused_where_it_cannot_run_and_flux_samples_at_its_own_guidance(tmp_path, capsys):
+    from diffalign.cli import main
+
+    sd35 = resolve_model_spec("tiny:sd35")
+    assert main(["sample", "--model", sd35, "--prompt", "a", "--true-cfg", "4", "--steps", "1",
+                 "--out", str(tmp_path / "sd35")]) == 2
+    assert "--true-cfg is FLUX's true CFG" in capsys.readouterr().err and not (tmp_path / "sd35").exists()
+    flux = resolve_model_spec("tiny:flux")
+    assert main(["sample", "--model", flux, "--prompt", "a", "--steps", "1", "--out", str(tmp_path / "f")]) == 0
+    record = json.loads((tmp_path / "f" / "samples.jsonl").read_text().splitlines()[0])
+    assert record["guidance_scale"] == 3.5  # FluxPipeline's default, not the 7.5 of the CFG families
+    npo = str(resolve_model_spec("tiny:flux"))  # any path: refused before it is read
+    assert main(["eval", "--model", flux, "--prompts", "shapes", "--limit", "1", "--reward", "toy_redness",
+                 "--setup", f"n:npo={npo}", "--out", str(tmp_path / "e")]) == 2
+    assert "setup 'n': NPO guidance on flux runs in true CFG's negative branch" in capsys.readouterr().err
+    assert not (tmp_path / "e" / "samples").exists()  # refused before the base was sampled
+
+
+def test_pairs_refuse_to_resume_with_another_true_cfg(tmp_path):
+    from diffalign.cli import main
+
+    flux = resolve_model_spec("tiny:flux")
+    common = ["pairs", "--model", flux, "--prompt", "a red square", "--images-per-prompt", "2", "--steps", "1",
+              "--reward", "toy_redness", "--out", str(tmp_path / "pairs")]
+    assert main(common) == 0
+    assert main([*common, "--true-cfg", "4"]) == 2  # its images were made without true CFG
+    assert main(common) == 0  # the same settings resume (nothing left to do)

@@ -19,8 +19,9 @@ from diffalign.evaluation.pair_selection import PairSettings
 from diffalign.evaluation.pairs import generate_pairs, pairs_summary
 from diffalign.evaluation.prompts import load_prompts, read_prompts
 from diffalign.evaluation.report import parse_setups, run_eval
+from diffalign.families import detect_family, resolve_pretrained
 from diffalign.guidance import load_pipeline
-from diffalign.guidance.sample import SampleSettings, sample_to_folder
+from diffalign.guidance.sample import SampleSettings, check_true_cfg, sample_to_folder
 from diffalign.offline.data import build_tiny_pairs
 from diffalign.offline.lora import build_tiny_lora
 from diffalign.offline.specs import build_tiny_model
@@ -53,6 +54,16 @@ def build_rewards(names: list[str], paths: dict[str, str], device) -> dict:
                              f"with --weights {name}=PATH (or try the tiny one: diffalign tiny reward DIR --reward "
                              f"{name})") from error
     return rewards
+
+
+def sampling_family(args: argparse.Namespace):
+    """The family of ``--model``, after refusing a --true-cfg / --npo combination it cannot sample (before any
+    model loads); its default fills ``--guidance`` when none is given."""
+    family = detect_family(resolve_pretrained(args.model))
+    check_true_cfg(family, args.true_cfg, bool(getattr(args, "npo", None)))
+    if args.guidance is None:
+        args.guidance = family.default_guidance_scale
+    return family
 
 
 def open_pipeline(args: argparse.Namespace, device: str, dtype) -> tuple[object, dict]:
@@ -114,6 +125,7 @@ def export_command(args: argparse.Namespace) -> int:
 def sample_command(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompt, args.prompts, args.prompt_set)
     device, dtype = pick_device(args)
+    sampling_family(args)
     pipe, setup = open_pipeline(args, device, dtype)
     settings = SampleSettings(num_images=args.num_images, seed=args.seed, steps=args.steps,
                               guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
@@ -145,6 +157,7 @@ def pairs_command(args: argparse.Namespace) -> int:
     if args.repeat < 1:
         raise ConfigError(f"--repeat must be at least 1, got {args.repeat}")
     names, paths, weights = reward_flags(args)
+    sampling_family(args)
     settings = PairSettings(images_per_prompt=args.images_per_prompt, seed=args.seed, steps=args.steps,
                             guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
                             true_cfg_scale=args.true_cfg, batch_size=args.batch_size, selection=args.selection,
@@ -164,6 +177,8 @@ def pairs_command(args: argparse.Namespace) -> int:
 
 def eval_command(args: argparse.Namespace) -> int:
     setups = parse_setups(args.setup, scheduler=args.scheduler, compile=args.compile, attention=args.attention)
+    if args.guidance is None:
+        args.guidance = detect_family(resolve_pretrained(args.model)).default_guidance_scale
     names, paths, _ = reward_flags(args)
     prompts = load_prompts(args.prompts, limit=args.limit, source=args.prompts_source)
     device, dtype = pick_device(args)

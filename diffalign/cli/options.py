@@ -67,10 +67,12 @@ def add_adapter_options(parser: argparse.ArgumentParser) -> None:
     add_scheduler_option(parser)
 
 
-def add_sampling_options(parser: argparse.ArgumentParser, steps: int, guidance: float, batch_size: int) -> None:
+def add_sampling_options(parser: argparse.ArgumentParser, steps: int, batch_size: int) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=steps)
-    parser.add_argument("--guidance", type=float, default=guidance, help="classifier-free guidance scale")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="guidance scale: classifier-free on SD, SDXL and SD3; FLUX.1-dev's embedded value "
+                             "(schnell has none); default: the model's (7.5; FLUX 3.5)")
     parser.add_argument("--negative-prompt", default=None)
     parser.add_argument("--true-cfg", type=float, default=None, metavar="SCALE",
                         help="FLUX: true classifier-free guidance with this scale (runs a negative branch; --npo on "

@@ -60,7 +60,7 @@ from diffalign.rewards.ensemble import zscore_ensemble
 from diffalign.text import read_text, text_lines, write_jsonl
 
 # Only these change the images and scores in groups.jsonl, so only these must match when a run is resumed.
-GENERATION_KEYS = ("images_per_prompt", "seed", "steps", "guidance_scale", "negative_prompt")
+GENERATION_KEYS = ("images_per_prompt", "seed", "steps", "guidance_scale", "negative_prompt", "true_cfg_scale")
 OUTPUTS = ("groups.jsonl", "pairs_config.json", "metadata.jsonl", "summary.json", "images", "overview", *VIEWS)
 
 
@@ -199,7 +199,7 @@ def generate_groups(pipe, prompts: list[str], todo: list[int], rewards: dict, se
                 num_inference_steps=settings.steps,
                 guidance_scale=settings.guidance_scale,
                 generator=[torch.Generator(device="cpu").manual_seed(seed) for *_, seed in batch],
-                **negative_kwargs(settings, len(batch)),
+                **negative_kwargs(pipe, settings, len(batch)),
             ).images
             for (i, j, _), image in zip(batch, images):
                 if i not in wanted:  # finished earlier, from this same window

@@ -40,8 +40,9 @@ import torch
 from diffalign.errors import ConfigError, DataError
 from diffalign.evaluation.plots import winrate_chart
 from diffalign.evaluation.winrate import compare
+from diffalign.families import detect_family, resolve_pretrained
 from diffalign.guidance.pipeline import load_pipeline
-from diffalign.guidance.sample import SampleSettings, sample_to_folder
+from diffalign.guidance.sample import SampleSettings, check_true_cfg, sample_to_folder
 from diffalign.guidance.samplers import SAMPLERS as SCHEDULERS
 from diffalign.images import labelled_grid, load_image
 from diffalign.logs import get_logger
@@ -224,6 +225,9 @@ def run_eval(base: str, setups: dict[str, dict], prompts: list[str], rewards: di
     if not 0 < confidence < 1:
         raise ConfigError(f"confidence must be in (0, 1), got {confidence}")
     setups = with_base(setups)
+    family = detect_family(resolve_pretrained(base))
+    for name, kwargs in setups.items():  # before any setup is sampled
+        check_true_cfg(family, settings.true_cfg_scale, bool(kwargs.get("npo")), f"setup '{name}': ")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []

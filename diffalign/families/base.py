@@ -78,6 +78,11 @@ class Family:
     flow_matching: bool = False
     # Whether ``diffalign export --format kohya`` converts this family's LoRA (SD3's has no kohya layout).
     kohya_export: bool = True
+    # Sampling's default guidance scale (``diffalign sample`` / ``pairs`` / ``eval``, validation images).
+    default_guidance_scale: float = 7.5
+    # Whether the pipeline runs true CFG (a separate negative branch, ``true_cfg_scale``) instead of a CFG batch;
+    # NPO guidance then needs it.
+    true_cfg: bool = False
     # The family's pipeline passes timestep / this to its denoiser (FLUX: sigma = t / 1000); the adapter router
     # multiplies it back, so segment intervals are always in training timesteps.
     pipeline_timestep_scale: float = 1.0

@@ -80,6 +80,8 @@ class FluxFamily(StableDiffusion3Family):
     default_lora_targets = StableDiffusion3Family.default_lora_targets
     patch = 2  # the pipeline's 2x2 packing (the transformer's own patch_size is 1)
     kohya_export = True  # BFL's module names, as ComfyUI loads FLUX LoRAs (training/kohya_flux.py)
+    default_guidance_scale = 3.5  # FluxPipeline's: [dev]'s embedded value ([schnell] ignores it)
+    true_cfg = True
     pipeline_timestep_scale = 1000.0  # FluxPipeline passes sigma = t / 1000 to the transformer
 
     def load(self, model_cfg, resolved_path: str) -> DiffusionComponents:

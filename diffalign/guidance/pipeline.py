@@ -242,7 +242,7 @@ def guard_true_cfg(pipe, router: AdapterRouter) -> None:
         finally:
             router.true_cfg = False
 
-    __call__.__doc__ = cls.__call__.__doc__
+    __call__.__doc__, __call__.__signature__ = cls.__call__.__doc__, signature  # help() and inspect see the stock one
     pipe.__class__ = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
                                                  "__qualname__": cls.__qualname__})
 

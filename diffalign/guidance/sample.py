@@ -7,6 +7,7 @@ prompts and seed are compared image by image (the win-rate protocol). Prompts ar
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from diffalign.errors import ConfigError
 from diffalign.images import labelled_grid
 
 
@@ -30,14 +32,34 @@ class SampleSettings:
     true_cfg_scale: float | None = None  # FLUX: true CFG's scale (a negative branch; NPO guidance there needs it)
 
 
-def negative_kwargs(settings, count: int) -> dict:
+def check_true_cfg(family, true_cfg_scale: float | None, npo: bool, where: str = "") -> None:
+    """Refuse, before any sampling, a true-CFG scale on a family without true CFG, and NPO guidance on one with
+    it (FLUX) but no true CFG. Raises ``ConfigError``."""
+    if true_cfg_scale is not None and not family.true_cfg:
+        raise ConfigError(f"{where}--true-cfg is FLUX's true CFG; {family.name} models run classifier-free guidance "
+                          "with --guidance instead")
+    if npo and family.true_cfg and not (true_cfg_scale or 0) > 1:
+        raise ConfigError(f"{where}NPO guidance on {family.name} runs in true CFG's negative branch: pass "
+                          "--true-cfg 4 (true_cfg_scale > 1)")
+
+
+def takes_true_cfg(pipe) -> bool:
+    """Whether the pipeline runs true CFG (a separate negative branch: FluxPipeline's ``true_cfg_scale``)."""
+    return "true_cfg_scale" in inspect.signature(type(pipe).__call__).parameters
+
+
+def negative_kwargs(pipe, settings, count: int) -> dict:
     """The pipeline's negative-prompt arguments for ``count`` images of ``settings`` (``SampleSettings`` or
     ``PairSettings``): with ``true_cfg_scale`` (FluxPipeline's true CFG, which runs only with a negative prompt),
-    the scale and the negative prompt, the empty one when none is given."""
+    the scale and the negative prompt, the empty one when none is given. Raises ``ConfigError`` for a true-CFG
+    scale on a pipeline without true CFG (it would be ignored, or fail inside diffusers)."""
     negative = settings.negative_prompt
     true_cfg = getattr(settings, "true_cfg_scale", None)
     if true_cfg is None:
         return {"negative_prompt": [negative] * count if negative else None}
+    if not takes_true_cfg(pipe):
+        raise ConfigError(f"--true-cfg is FLUX's true CFG; {type(pipe).__name__} runs classifier-free guidance "
+                          "with --guidance instead")
     return {"negative_prompt": [negative or ""] * count, "true_cfg_scale": true_cfg}
 
 
@@ -70,7 +92,7 @@ def sample_to_folder(pipe, prompts: list[str], settings: SampleSettings, out_dir
                 height=settings.height,
                 width=settings.width,
                 generator=[torch.Generator(device="cpu").manual_seed(seed) for *_, seed in batch],
-                **negative_kwargs(settings, len(batch)),
+                **negative_kwargs(pipe, settings, len(batch)),
             ).images
             for (i, j, prompt, seed), image in zip(batch, images):
                 file_name = f"{i:04d}_{j:02d}.png"

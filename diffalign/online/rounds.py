@@ -100,6 +100,10 @@ class OnlineRounds:
         self.sampler = SamplerSettings(online.sample_steps, online.guidance_scale, online.eta, online.noise_level,
                                        window)
         self.grid = sampling_grid(self.family, components, online.sample_steps)
+        if self.family.true_cfg and not self.family.embedded_guidance(components) and online.guidance_scale != 1.0:
+            raise ConfigError(f"online.guidance_scale={online.guidance_scale}: FLUX.1-schnell samples without CFG "
+                              "(FluxPipeline ignores guidance_scale there), so rounds must too: set "
+                              "online.guidance_scale=1")
         self.prompt_list = check_online(cfg, self.processes)
         self.rewards, self.judge = self.build_rewards(online, accelerator.device)
         self.monitors = {name: build_reward(name, weights=online.reward_weights.get(name), device=accelerator.device)

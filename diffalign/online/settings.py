@@ -24,7 +24,7 @@ class OnlineConfig:
     prompts_per_round: int = 8  # P, over all processes
     group_size: int = 4  # G images per prompt
     sample_steps: int = 10  # sampling steps of training rounds (evaluation may use more)
-    guidance_scale: float = 4.5  # CFG of training rounds; 1.0 = CFG-free (one branch)
+    guidance_scale: float = 4.5  # CFG of training rounds; 1.0 = CFG-free (one branch); FLUX.1-dev: the embedded value
     negative_prompt: str = ""  # the unconditional branch's prompt under CFG
     eta: float = 1.0  # DDIM noise of the stochastic steps (SD1.x/2.x, SDXL)
     noise_level: float = 0.7  # the Flow-GRPO SDE's noise level a (SD3)

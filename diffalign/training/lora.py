@@ -104,6 +104,12 @@ def export_kohya(run_dir: str | Path, out_path: str | Path | None = None, prefix
     run_dir = Path(run_dir)
     source = run_dir / LORA_WEIGHT_NAME if run_dir.is_dir() else run_dir
     if not source.is_file():
+        if any((run_dir / name / "config.json").is_file() for name in ("unet", "transformer")):
+            raise ModelError(f"{run_dir} is a full fine-tune (a denoiser folder, no LoRA): the kohya export converts "
+                             "LoRAs only")
+        if (run_dir / "segments.yaml").is_file():
+            raise ModelError(f"{run_dir} is a timestep-segment run: export each segment's LoRA folder (the paths in "
+                             "its segments.yaml)")
         raise ModelError(f"no {LORA_WEIGHT_NAME} in {run_dir}; give a finished run folder or checkpoint")
     with safe_open(str(source), framework="pt") as handle:
         header = handle.metadata() or {}
@@ -115,12 +121,14 @@ def export_kohya(run_dir: str | Path, out_path: str | Path | None = None, prefix
     elif any(key.startswith("transformer.") for key in tensors) and _transformer_family(tensors, source, family) == "flux":
         kohya = flux_to_kohya(tensors, header)
         metadata = {"ss_network_module": "networks.lora_flux", "ss_base_model_version": "flux1"}
+    elif any(key.startswith("transformer.") for key in tensors):
+        raise ModelError(f"{source} is an SD3 / SD3.5 transformer LoRA, which has no kohya layout: an SD3 transformer "
+                         "LoRA stays in the diffusers format; load it with pipe.load_lora_weights. (A FLUX LoRA "
+                         "without single-stream blocks, outside its run folder: export_kohya(..., family='flux').)")
     else:
         adapted = sorted({key.split(".", 1)[0] for key in tensors})
-        raise ModelError(f"{source} holds no '{prefix}.*' LoRA weights (it adapts: {', '.join(adapted)}). The kohya "
-                         "export converts UNet LoRAs (SD1.x/2.x, SDXL) and FLUX.1 LoRAs; an SD3 transformer LoRA stays "
-                         "in the diffusers format: load it with pipe.load_lora_weights (a FLUX LoRA without "
-                         "single-stream blocks, outside a run folder: export_kohya(..., family='flux'))")
+        raise ModelError(f"{source} holds no '{prefix}.*' LoRA weights (it adapts: {', '.join(adapted)}); the kohya "
+                         "export converts UNet (SD1.x/2.x, SDXL) and FLUX.1 LoRAs")
     out_path = Path(out_path) if out_path else source.parent / KOHYA_WEIGHT_NAME
     save_file({k: v.contiguous() for k, v in kohya.items()}, str(out_path), metadata=metadata)
     return out_path

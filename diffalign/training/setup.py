@@ -98,6 +98,9 @@ def setup_model(cfg: Config, accelerator: Accelerator, objective: Objective, par
         components = load_components(cfg.model)
     family, device = components.family, accelerator.device
     check_timesteps(family, components, cfg.train.timesteps)
+    if cfg.model.flux_guidance != 1.0 and not family.embedded_guidance(components):
+        logger.warning(f"model.flux_guidance={cfg.model.flux_guidance} has no effect: this model takes no guidance "
+                       "value (only FLUX.1-dev does)")
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     cast = {"dtype": weight_dtype} if weight_dtype != torch.float32 else {}
     for module in components.frozen_modules():

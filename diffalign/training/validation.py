@@ -26,7 +26,8 @@ def render_validation(components, denoiser, log_cfg, device, path: Path) -> Imag
             result = pipeline(
                 [prompt] * len(seeds),
                 num_inference_steps=log_cfg.validation_inference_steps,
-                guidance_scale=log_cfg.validation_guidance_scale,
+                guidance_scale=(log_cfg.validation_guidance_scale if log_cfg.validation_guidance_scale is not None
+                                else components.family.default_guidance_scale),
                 height=components.resolution,
                 width=components.resolution,
                 generator=[torch.Generator(device="cpu").manual_seed(seed) for seed in seeds],
