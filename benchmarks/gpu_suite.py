@@ -8,20 +8,26 @@ of the same run:
 
 1. SD1.5 LoRA DPO throughput: 512 px, bf16, LoRA rank 8, 8 pairs per step, SD1.5's real UNet, VAE and CLIP
    text encoder configs. Uncached (the VAE and the text encoder run every step, as diffusers'
-   ``research_projects/diffusion_dpo`` script does) against cached, cached + ``train.compile=blocks`` and cached
-   + compile + ``train.attention=xformers`` (where xformers is installed). The ceiling is about 6 UNet-forward
-   equivalents per pair (policy forward and backward on two images, reference forward on two), about 4.8 TFLOP
-   per pair at 512 px, so about 165 pairs/s at an H100's / H200's roughly 790 dense bf16 TFLOP/s; each row's
-   share of it is printed.
+   ``research_projects/diffusion_dpo`` script does) against cached, cached + ``train.compile=blocks`` (its graph
+   count shown, so a silent fallback to eager shows) and cached + compile + ``train.attention=xformers`` (where
+   xformers is installed). The ceiling: a pair costs about 6 UNet-forward equivalents (policy forward and, for a
+   LoRA, input-gradient backward on two images; reference forward on two), each forward's FLOPs counted here by
+   ``torch.utils.flop_counter`` on the real config at 512 px (about 0.80 TFLOP: 4.8 TFLOP per pair), divided into
+   the GPU's dense bf16 peak (989 TFLOP/s for H100 SXM and H200, 756 for H100 PCIe; ``--peak-tflops`` for
+   others): about 205 pairs/s on an H100 SXM. Each row's share of it is printed.
 2. SDXL LoRA DPO memory: 1024 px, 1 pair, LoRA + gradient checkpointing + an fp16-safe VAE (the SDXL VAE config
-   with ``force_upcast`` off, as madebyollin/sdxl-vae-fp16-fix), bf16: peak CUDA memory with a bf16 frozen base,
-   an int8 one (torchao) and an nf4 one (bitsandbytes, where installed).
+   with ``force_upcast`` off, as madebyollin/sdxl-vae-fp16-fix), bf16: the run's peak CUDA memory, allocated and
+   reserved (what a card must hold, the CUDA context aside), with a bf16 frozen base, an int8 one (torchao) and an
+   nf4 one (bitsandbytes, where installed). Quantised bases reach the GPU layer by layer, so the peaks are the
+   quantised model's.
 3. NPO-guided sampling: one model with adapter switching against two model copies (``npo_guidance_memory.py``).
 4. Reward scoring: batched against one image at a time (``score_throughput.py``, tiny random-weight rewards
    unless ``--score-weights NAME=PATH`` gives real ones).
 
-``--quick`` runs sections 1 and 2 on ``tiny:sd15`` / ``tiny:sdxl`` at their native size (no compile rows: the
-compiled path is tested in tests/test_speed.py), section 3 with ``--size tiny`` and section 4 on 8 images.
+``--quick`` runs sections 1 and 2 on ``tiny:sd15`` / ``tiny:sdxl`` at their native size in fp32 (no compile
+rows: the compiled path is tested in tests/test_speed.py), section 3 with ``--size tiny`` and section 4 on 8
+images. ``--sections 2,3`` reruns some sections; the checkpoints are built once (fp16 files, about 8 GB for both)
+under $DIFFALIGN_CACHE/bench/.
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
-CEILING_PAIRS_PER_S = 165.0  # ~790 TFLOP/s bf16 / ~4.8 TFLOP per SD1.5 DPO pair at 512 px (see the docstring)
+FORWARDS_PER_PAIR = 6  # policy forward + LoRA backward (input gradients) on 2 images, reference forward on 2
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -78,7 +85,7 @@ def build_sd15(out_dir: Path) -> None:
         vae=sd_vae(0.18215, True), text_encoder=CLIPTextModel(clip_text_config(768, 12, 12, 3072)),
         tokenizer=build_clip_tokenizer(), unet=unet, scheduler=DDIMScheduler(**sd15_scheduler_config()),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    ).save_pretrained(str(out_dir))
+    ).to(dtype=torch.float16).save_pretrained(str(out_dir))  # half the bytes to write and read; trained in bf16
 
 
 def build_sdxl(out_dir: Path) -> None:
@@ -103,8 +110,8 @@ def build_sdxl(out_dir: Path) -> None:
         text_encoder_2=CLIPTextModelWithProjection(clip_text_config(1280, 32, 20, 5120, "gelu")),
         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=DDIMScheduler(**sd15_scheduler_config()),
         force_zeros_for_empty_prompt=True, add_watermarker=False,
-    ).save_pretrained(str(out_dir))
-    sd_vae(0.13025, False).save_pretrained(str(out_dir / "vae-fp16"))
+    ).to(dtype=torch.float16).save_pretrained(str(out_dir))
+    sd_vae(0.13025, False).to(dtype=torch.float16).save_pretrained(str(out_dir / "vae-fp16"))
 
 
 def checkpoint(name: str) -> str:
@@ -131,12 +138,47 @@ def train_run(workdir: Path, name: str, steps: int, batch: int, overrides: list[
     return {**json.loads(result.read_text()), "wall_s": time.time() - started}
 
 
+def forward_tflop(base: str, resolution: int) -> float:
+    """TFLOP of one UNet forward of ``base`` at ``resolution`` px, counted on the meta device (no memory)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import diffalign.offline  # noqa: F401  (registers tiny:)
+    from diffalign.families import resolve_pretrained
+
+    config = UNet2DConditionModel.load_config(resolve_pretrained(base), subfolder="unet")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+        side = resolution // 8 if resolution >= 256 else unet.config.sample_size
+        inputs = (torch.randn(1, 4, side, side), torch.tensor([500]))
+        text = torch.randn(1, 77, unet.config.cross_attention_dim)
+        with FlopCounterMode(display=False) as counter:
+            unet(*inputs, encoder_hidden_states=text)
+    return counter.get_total_flops() / 1e12
+
+
+def ceiling(args, forward: float, cuda: bool) -> tuple[float | None, str]:
+    """(pairs/s at the GPU's dense bf16 peak, how it was found); None without a known peak."""
+    import torch
+
+    peak = args.peak_tflops
+    if peak is None and cuda:
+        name = torch.cuda.get_device_name(0)
+        peak = next((value for key, value in PEAK_BF16_TFLOPS.items() if key in name), None)
+    if peak is None:
+        return None, "no bf16 peak known for this device (--peak-tflops)"
+    per_pair = FORWARDS_PER_PAIR * forward
+    return peak / per_pair, f"{peak:.0f} TFLOP/s / ({FORWARDS_PER_PAIR} x {forward:.3f} TFLOP per forward)"
+
+
 def throughput_section(args, workdir: Path, cuda: bool) -> list[str]:
     base = "tiny:sd15" if args.quick else checkpoint("sd15")
     common = [f"model.pretrained={base}", "lora.rank=8", "lora.alpha=8",
               f"train.mixed_precision={'bf16' if cuda else 'no'}", "data.num_workers=0",
               *([] if args.quick else ["model.resolution=512"])]
     steps, batch = (3, 2) if args.quick else (args.steps, 8)
+    limit, how = ceiling(args, forward_tflop(base, 32 if args.quick else 512), cuda)
     train_run(workdir, "warm-cache", 1, batch, common)  # builds the feature cache once, outside the timings
     modes = {"uncached (the reference's per-step work)": ["data.cache=false"], "cached": []}
     if not args.quick:
@@ -147,18 +189,22 @@ def throughput_section(args, workdir: Path, cuda: bool) -> list[str]:
             for i, (label, extra) in enumerate(modes.items())}
     baseline = rows[next(iter(rows))]
     lines = [f"### 1. SD1.5 LoRA DPO throughput ({base if args.quick else 'SD1.5 configs, random weights'}, "
-             f"{'native size' if args.quick else '512 px'}, {batch} pairs per step, {steps} steps)", "",
-             "| mode | pairs/s | vs uncached | share of ~165 pairs/s | peak memory (MiB) |", "|---|---|---|---|---|"]
+             f"{'native size, fp32' if args.quick else '512 px, bf16'}, {batch} pairs per step, {steps} steps)", "",
+             f"ceiling: {f'{limit:.0f} pairs/s' if limit else 'n/a'} ({how})", "",
+             "| mode | pairs/s | vs uncached | share of the ceiling | compiled graphs | peak memory (MiB) |",
+             "|---|---|---|---|---|---|"]
     for label, row in rows.items():
         if "error" in row:
-            lines.append(f"| {label} | failed: {row['error']} | | | |")
+            lines.append(f"| {label} | failed: {row['error']} | | | | |")
             continue
         rate = row["batch_size"] / row["seconds_per_step"]
         base_rate = baseline["batch_size"] / baseline["seconds_per_step"] if "error" not in baseline else float("nan")
-        lines.append(f"| {label} | {rate:.2f} | {rate / base_rate:.2f}x | {100 * rate / CEILING_PAIRS_PER_S:.1f}% "
-                     f"| {row['peak_bytes'] / 2**20:.0f} |")
+        share = f"{100 * rate / limit:.1f}%" if limit else "n/a"
+        graphs = row.get("compile_graphs")
+        lines.append(f"| {label} | {rate:.2f} | {rate / base_rate:.2f}x | {share} | "
+                     f"{'' if graphs is None else int(graphs)} | {row['peak_bytes'] / 2**20:.0f} |")
     if not args.quick and "cached + compile + xformers" not in rows:
-        lines.append("| cached + compile + xformers | n/a: xformers not installed or no CUDA | | | |")
+        lines.append("| cached + compile + xformers | n/a: xformers not installed or no CUDA | | | | |")
     return lines
 
 
@@ -168,23 +214,29 @@ def memory_section(args, workdir: Path, cuda: bool) -> list[str]:
     else:
         folder = checkpoint("sdxl")
         base, vae, extra = folder, [f"model.vae={folder}/vae-fp16"], ["model.resolution=1024"]
+    precision = "bf16" if cuda else "no"
     common = [f"model.pretrained={base}", *vae, *extra, "train.gradient_checkpointing=true", "lora.rank=8",
-              f"train.mixed_precision={'bf16' if cuda else 'no'}", "data.num_workers=0"]
-    modes = {"bf16 base": [], "int8 base (torchao)": ["model.quantize=int8"]}
+              f"train.mixed_precision={precision}", "data.num_workers=0"]
+    plain = "bf16 base" if cuda else "fp32 base"
+    modes = {plain: [], "int8 base (torchao)": ["model.quantize=int8"]}
     if cuda and importlib.util.find_spec("bitsandbytes") is not None:
         modes["nf4 base (bitsandbytes)"] = ["model.quantize=nf4"]
     train_run(workdir, "sdxl-warm", 1, 1, common)
     rows = {label: train_run(workdir, f"sdxl-{i}", 2, 1, common + flags) for i, (label, flags) in enumerate(modes.items())}
-    baseline = rows["bf16 base"]
+    baseline = rows[plain]
+    kind = "CUDA allocated / reserved" if cuda else "RSS"
     lines = [f"### 2. SDXL LoRA DPO memory ({'tiny:sdxl' if args.quick else 'SDXL configs, random weights, 1024 px'}, "
-             "1 pair, gradient checkpointing)", "", f"| frozen base | peak {'CUDA' if cuda else 'RSS'} memory (MiB) | "
-             "vs bf16 | s/step |", "|---|---|---|---|"]
+             "1 pair, gradient checkpointing)", "", f"| frozen base | peak {kind} (MiB) | vs {plain} | s/step |",
+             "|---|---|---|---|"]
     for label, row in rows.items():
         if "error" in row:
             lines.append(f"| {label} | failed: {row['error']} | | |")
             continue
         share = row["peak_bytes"] / baseline["peak_bytes"] if "error" not in baseline else float("nan")
-        lines.append(f"| {label} | {row['peak_bytes'] / 2**20:.0f} | {share:.2f}x | {row['seconds_per_step']:.2f} |")
+        peak = f"{row['peak_bytes'] / 2**20:.0f}"
+        if cuda:
+            peak += f" / {row['peak_reserved_bytes'] / 2**20:.0f}"
+        lines.append(f"| {label} | {peak} | {share:.2f}x | {row['seconds_per_step']:.2f} |")
     return lines
 
 
@@ -209,6 +261,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CPU smoke test on the tiny models")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per SD1.5 mode")
+    parser.add_argument("--sections", default="1,2,3,4", help="which sections to run, e.g. 2,3")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the GPU's dense bf16 TFLOP/s, for the ceiling (default: known H100 / H200 / A100)")
     parser.add_argument("--score-weights", action="append", default=[], metavar="NAME=PATH",
                         help="real reward weights for section 4 (else tiny random-weight rewards)")
     args = parser.parse_args()
@@ -217,18 +272,25 @@ def main() -> int:
     cuda = torch.cuda.is_available()
     started = time.time()
     print(f"diffalign GPU suite{' (--quick)' if args.quick else ''}, machine: {machine()}\n")
+    wanted = {int(part) for part in args.sections.split(",") if part.strip()}
+    sections = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        sections = [throughput_section(args, workdir, cuda), memory_section(args, workdir, cuda)]
-    npo = ["--size", "tiny", "--steps", "2"] if args.quick else ["--size", "sd15", "--resolution", "512",
-                                                                 "--steps", "25"]
-    sections.append(script_section("### 3. NPO-guided sampling (one model + adapter switching vs two models)",
-                                   [str(BENCH / "npo_guidance_memory.py"), *npo]))
-    score = ["--images", "8", "--batch-size", "4"] if args.quick else ["--images", "256", "--image-size", "512"]
-    for weights in args.score_weights:
-        score += ["--weights", weights]
-    sections.append(script_section("### 4. Reward scoring (batched vs one image per call)",
-                                   [str(BENCH / "score_throughput.py"), *score]))
+        if 1 in wanted:
+            sections.append(throughput_section(args, workdir, cuda))
+        if 2 in wanted:
+            sections.append(memory_section(args, workdir, cuda))
+    if 3 in wanted:
+        npo = ["--size", "tiny", "--steps", "2"] if args.quick else ["--size", "sd15", "--resolution", "512",
+                                                                     "--steps", "25"]
+        sections.append(script_section("### 3. NPO-guided sampling (one model + adapter switching vs two models)",
+                                       [str(BENCH / "npo_guidance_memory.py"), *npo]))
+    if 4 in wanted:
+        score = ["--images", "8", "--batch-size", "4"] if args.quick else ["--images", "256", "--image-size", "512"]
+        for weights in args.score_weights:
+            score += ["--weights", weights]
+        sections.append(script_section("### 4. Reward scoring (batched vs one image per call)",
+                                       [str(BENCH / "score_throughput.py"), *score]))
     for lines in sections:
         print("\n".join(lines), end="\n\n")
     print(f"total {time.time() - started:.0f} s")

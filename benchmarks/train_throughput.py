@@ -43,8 +43,10 @@ def child(args) -> None:
     info = json.loads((result.output_dir / "run_info.json").read_text())
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    reserved = torch.cuda.max_memory_reserved() if torch.cuda.is_available() else peak  # what the card must hold
     json.dump({"seconds_per_step": info["seconds_per_step"], "wall_s": time.time() - started, "peak_bytes": peak,
-               "batch_size": args.batch_size}, open(args.result, "w"))
+               "peak_reserved_bytes": reserved, "batch_size": args.batch_size,
+               "compile_graphs": (info.get("final_metrics") or {}).get("compile_graphs")}, open(args.result, "w"))
 
 
 def run_mode(mode: str, args, workdir: Path) -> dict:

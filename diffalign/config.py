@@ -186,6 +186,8 @@ class Config:
             self.train.mixed_precision = "no"
         if self.train.compile == "False":
             self.train.compile = "off"
+        if self.model.quantize == "False":
+            self.model.quantize = "none"
         check_choice("train.mixed_precision", self.train.mixed_precision, ["no", "bf16", "fp16"])
         check_choice("data.format", self.data.format, ["auto", "pickapic", "chosen_rejected", "labelled", "ranked", "jsonl",
                                                        "hpdv2"])

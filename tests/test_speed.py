@@ -88,6 +88,14 @@ def test_compile_watch_warns_once_when_graphs_keep_coming(caplog):
     warnings = [r.message for r in caplog.records if "new graph" in r.message]
     assert len(warnings) == 1 and "TORCH_LOGS=recompiles" in warnings[0]
     assert CompileWatch(False).after_step(3) == {}
+    quiet = CompileWatch(True)  # graphs built outside the steps (validation images) are not recompiles
+    quiet.after_step(10)
+    quiet.after_step(11)  # a resumed run: its own warm-up
+    with quiet.outside_steps():
+        function(torch.ones(5))
+    with caplog.at_level("WARNING"):
+        quiet.after_step(12)
+    assert len([r for r in caplog.records if "new graph" in r.message]) == 1  # still only the first watch's
 
 
 # ---------------------------------------------------------------------------------------------- attention
@@ -98,7 +106,7 @@ def test_sdpa_is_what_every_family_runs_and_xformers_is_refused_off_cuda(tmp_pat
         assert attention_backends(denoiser) == processors  # each calls F.scaled_dot_product_attention
     with pytest.raises(ConfigError, match="attention=xformers"):
         train(speed_cfg(tmp_path, "xformers", **{"train.attention": "xformers"}))
-    assert not (tmp_path / "xformers" / "config.yaml").exists()  # refused before any work
+    assert not (tmp_path / "xformers").exists()  # refused before any work, the run folder included
     with pytest.raises(ConfigError, match="train.attention"):
         speed_cfg(tmp_path, "typo", **{"train.attention": "flash"})
 
@@ -161,6 +169,14 @@ def test_int8_base_trains_a_fp32_lora_that_loads_into_the_unquantised_base(tmp_p
     assert (trained - reloaded).abs().max() < gap  # closer to the quantised run than the base is: int8 error only
 
 
+@pytest.mark.parametrize("model", ["tiny:sd15", "tiny:flux"])
+def test_int8_base_trains_under_bf16_autocast(tmp_path, model):
+    # torchao's layers ignore autocast: their inputs are cast to the weight's dtype, as autocast casts a Linear's
+    result = train(speed_cfg(tmp_path, "bf16", **{"model.quantize": "int8", "train.mixed_precision": "bf16",
+                                                  "model.pretrained": model, "train.max_steps": 1}))
+    assert math.isfinite(result.metrics["loss"])
+
+
 def test_int8_reference_pass_runs_on_the_same_quantised_base(tmp_path):
     first = train(speed_cfg(tmp_path, "first", **{"model.quantize": "int8", "train.max_steps": 1}))
     # LoRA B starts at zero: the policy is the quantised base, so is the reference (adapters disabled), exactly
@@ -188,6 +204,10 @@ def test_sample_takes_compile_and_attention_and_refuses_xformers_here(tmp_path, 
     assert "attention=xformers" in capsys.readouterr().err and not (tmp_path / "x").exists()
     from diffalign.guidance import load_pipeline
 
+    assert main(["eval", "--model", base, "--prompts", "shapes", "--limit", "1", "--reward", "toy_redness",
+                 "--setup", "b:attention=xformers", "--out", str(tmp_path / "e")]) == 2
+    assert "setup 'b': attention=xformers" in capsys.readouterr().err
+    assert not (tmp_path / "e" / "samples").exists()  # refused before the base setup was sampled
     pipe = load_pipeline(base, compile="blocks", attention="sdpa")
     assert all(hasattr(block, "_compiled_call_impl") and block._compiled_call_impl is not None
                for block in pipe.unet.modules() if type(block).__name__ == "BasicTransformerBlock")
@@ -195,3 +215,4 @@ def test_sample_takes_compile_and_attention_and_refuses_xformers_here(tmp_path, 
 
 def test_yaml_no_for_mixed_precision_reads_as_no(tmp_path):
     assert speed_cfg(tmp_path, "a", **{"train.mixed_precision": "no"}).train.mixed_precision == "no"
+    assert speed_cfg(tmp_path, "b", **{"model.quantize": "no"}).model.quantize == "none"

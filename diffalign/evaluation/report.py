@@ -49,6 +49,7 @@ from diffalign.logs import get_logger
 from diffalign.rewards.base import require_scalar
 from diffalign.rewards.scoring import ScoreRow, score_rows
 from diffalign.text import write_jsonl
+from diffalign.training.speed import check_speed_settings
 
 logger = get_logger(__name__)
 
@@ -226,8 +227,13 @@ def run_eval(base: str, setups: dict[str, dict], prompts: list[str], rewards: di
         raise ConfigError(f"confidence must be in (0, 1), got {confidence}")
     setups = with_base(setups)
     family = detect_family(resolve_pretrained(base))
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     for name, kwargs in setups.items():  # before any setup is sampled
         check_true_cfg(family, settings.true_cfg_scale, bool(kwargs.get("npo")), f"setup '{name}': ")
+        try:
+            check_speed_settings(kwargs.get("attention", "sdpa"), kwargs.get("compile", "off"), target)
+        except ConfigError as error:
+            raise ConfigError(f"setup '{name}': {error}") from error
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []

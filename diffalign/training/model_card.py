@@ -100,7 +100,8 @@ def write_model_card(cfg: Config, output_dir: Path, run_info: dict, family, base
         lr=cfg.train.learning_rate, scheduler=cfg.train.lr_scheduler, warmup=cfg.train.lr_warmup_steps,
         weights=weights_row(cfg, lora_targets or family.default_lora_targets, family),
         reference=resolve_reference(cfg), precision=cfg.train.mixed_precision,
-        metric_rows="\n".join(f"| {name} | {value:.6g} |" for name, value in sorted(metrics.items())) or "| (none) | |",
+        metric_rows="\n".join(f"| {name} | {value:.6g} |" for name, value in sorted(metrics.items())
+                              if name != "compile_graphs") or "| (none) | |",
         how_to_load=how_to_load(cfg, family, output_dir, base_path or cfg.model.pretrained),
     )
     path = output_dir / "README.md"
@@ -112,7 +113,10 @@ def weights_row(cfg: Config, default_targets, family) -> str:
     if not cfg.lora.enabled:
         return f"full fine-tune of the denoiser, saved as a diffusers folder in `{family.denoiser_subfolder}/`"
     alpha = cfg.lora.alpha if cfg.lora.alpha is not None else cfg.lora.rank
-    return f"LoRA rank {cfg.lora.rank}, alpha {alpha}, on {', '.join(cfg.lora.target_modules or default_targets)}"
+    base = (f" (trained on a {cfg.model.quantize}-quantised frozen base; it loads into the unquantised one)"
+            if cfg.model.quantize != "none" else "")
+    return (f"LoRA rank {cfg.lora.rank}, alpha {alpha}, on {', '.join(cfg.lora.target_modules or default_targets)}"
+            f"{base}")
 
 
 def how_to_load(cfg: Config, family, output_dir: Path, base_path: str) -> str:

@@ -48,7 +48,7 @@ from diffalign.training.optim import (
     set_base_learning_rate,
 )
 from diffalign.training.reference import Reference, build_reference
-from diffalign.training.speed import compile_denoiser, quantize_frozen_base, set_attention
+from diffalign.training.speed import compile_denoiser, set_attention, to_device_quantized
 from diffalign.training.steps import StepProcedure
 
 logger = get_logger(__name__)
@@ -109,8 +109,7 @@ def setup_model(cfg: Config, accelerator: Accelerator, objective: Objective, par
         components.vae.to(dtype=components.vae_dtype)
     denoiser = components.denoiser
     if cfg.lora.enabled:
-        denoiser.to(device, **cast)
-        quantize_frozen_base(denoiser, cfg.model.quantize)  # before the LoRA: peft wraps the quantised layers
+        to_device_quantized(denoiser, cfg.model.quantize, device, cast.get("dtype"))  # peft wraps what it finds
         attach_lora(denoiser, cfg.lora, family.lora_targets(denoiser))
     else:  # full fine-tune: fp32 master weights, autocast does the mixed precision
         denoiser.to(device).requires_grad_(True)

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import warnings
 
@@ -107,51 +108,84 @@ def compile_denoiser(denoiser: torch.nn.Module, mode: str) -> int:
 
 
 class CompileWatch:
-    """Counts the graphs ``torch.compile`` has built and warns once when the count grows after warm-up."""
+    """Counts the graphs ``torch.compile`` builds for training steps and warns once when the count still grows
+    after this process's first ``WARM_UP_STEPS`` steps (a resumed run warms up again). Graphs built while
+    ``outside_steps`` is open (validation images) are not counted."""
 
     def __init__(self, enabled: bool):
-        self.enabled, self.warned, self.baseline = enabled, False, None
+        self.enabled, self.warned, self.baseline, self.steps, self.excluded = enabled, False, None, 0, 0
 
     @staticmethod
-    def graphs() -> int:
+    def total() -> int:
         from torch._dynamo.utils import counters
 
         return int(counters["stats"]["unique_graphs"])
+
+    def graphs(self) -> int:
+        return self.total() - self.excluded
+
+    @contextlib.contextmanager
+    def outside_steps(self):
+        before = self.total() if self.enabled else 0
+        try:
+            yield
+        finally:
+            if self.enabled:
+                self.excluded += self.total() - before
 
     def after_step(self, step: int) -> dict[str, float]:
         """Metrics for optimizer step ``step`` (``compile_graphs``), and the warning when graphs keep coming."""
         if not self.enabled:
             return {}
-        graphs = self.graphs()
-        if step == WARM_UP_STEPS:
+        graphs, self.steps = self.graphs(), self.steps + 1
+        if self.steps == WARM_UP_STEPS:
             self.baseline = graphs
         elif self.baseline is not None and graphs > self.baseline and not self.warned:
             self.warned = True
-            logger.warning(f"torch.compile built {graphs - self.baseline} new graph(s) after step {WARM_UP_STEPS}: "
-                           "recompiles cost more than they save. Run with TORCH_LOGS=recompiles to see why, or "
-                           "set train.compile=off")
+            logger.warning(f"torch.compile built {graphs - self.baseline} new graph(s) after its {WARM_UP_STEPS}-step "
+                           f"warm-up (by step {step}): recompiles cost more than they save. Run with "
+                           "TORCH_LOGS=recompiles to see why, or set train.compile=off")
         return {"compile_graphs": float(graphs)}
 
 
 # ---------------------------------------------------------------------------------------------- quantisation
-def quantize_frozen_base(denoiser: torch.nn.Module, quantize: str) -> None:
-    """Store the frozen Linear weights of ``denoiser`` quantised (before the LoRA is attached, so peft wraps the
-    quantised layers). ``int8`` / ``fp8``: torchao weight-only; ``nf4``: bitsandbytes 4-bit NF4 layers."""
+def to_device_quantized(denoiser: torch.nn.Module, quantize: str, device, dtype: torch.dtype | None) -> None:
+    """Move ``denoiser`` (on the CPU) to ``device`` in ``dtype``, its frozen Linear weights stored quantised; call
+    before the LoRA is attached, so peft wraps the quantised layers.
+
+    Layer by layer: each Linear is moved and quantised on its own (torchao ``quantize_``; bitsandbytes quantises
+    NF4 weights as they move to CUDA), so the device never holds the whole unquantised base (FLUX's 23.8 GB in
+    bf16 would not fit the 24 GB card quantising is for). torchao's layers ignore autocast, so each gets a
+    pre-hook casting its input to the weight's dtype, as autocast casts a Linear's input.
+    """
+    cast = {"dtype": dtype} if dtype is not None else {}
     if quantize == "none":
+        denoiser.to(device, **cast)
         return
     if quantize == "nf4":
-        replace_with_nf4(denoiser)
+        replace_with_nf4(denoiser.to(**cast))
+        denoiser.to(device)  # Params4bit quantises as it moves
         return
     from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
-    quantize_(denoiser, Int8WeightOnlyConfig() if quantize == "int8" else Float8WeightOnlyConfig())
+    config = Int8WeightOnlyConfig() if quantize == "int8" else Float8WeightOnlyConfig()
+    for layer in [module for module in denoiser.modules() if isinstance(module, torch.nn.Linear)]:
+        quantize_(layer.to(device, **cast), config)
+        layer.register_forward_pre_hook(cast_input_to_weight)
+    denoiser.to(device, **cast)  # the rest: norms, convolutions, embeddings
     # peft warns that merge() needs a requantisation hook: diffalign never merges the LoRA into the base.
     warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated")
 
 
+def cast_input_to_weight(layer: torch.nn.Module, args: tuple):
+    """Forward pre-hook: the input in the (quantised) weight's dtype, as autocast would give a Linear."""
+    x = args[0]
+    return (x.to(layer.weight.dtype), *args[1:]) if x.dtype != layer.weight.dtype else None
+
+
 def replace_with_nf4(module: torch.nn.Module) -> None:
-    """Every ``nn.Linear`` of ``module`` -> bitsandbytes ``Linear4bit`` (NF4, compute in the weight's dtype); the
-    weights are quantised when the module moves to CUDA."""
+    """Every ``nn.Linear`` of ``module`` (on the CPU) -> bitsandbytes ``Linear4bit`` (NF4, compute in the
+    weight's dtype); the weights are quantised when the module moves to CUDA."""
     import bitsandbytes as bnb
 
     for name, child in module.named_children():
@@ -162,6 +196,6 @@ def replace_with_nf4(module: torch.nn.Module) -> None:
             layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4")
             if child.bias is not None:
                 layer.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
-            setattr(module, name, layer.to(child.weight.device))
+            setattr(module, name, layer)
         else:
             replace_with_nf4(child)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from tqdm.auto import tqdm
 
 from diffalign.config import Config
@@ -55,6 +55,9 @@ def train(cfg: Config) -> TrainResult:
     any step where it can be known), and ``TrainingStopped`` when non-finite steps stop the run.
     """
     output_dir = Path(cfg.train.output_dir)
+    # Settings this machine cannot run are refused before anything is written (the run folder included).
+    check_speed_settings(cfg.train.attention, cfg.train.compile, PartialState().device, cfg.model.quantize,
+                         cfg.lora.enabled)
     accelerator = build_accelerator(cfg, output_dir)
     lock = lock_output_dir(accelerator, output_dir)
     try:
@@ -114,8 +117,6 @@ def setup_run(cfg: Config, accelerator: Accelerator, output_dir: Path) -> Run:
     step = STEPS.get(objective.step)
     if objective.data_kind == "prompts":  # sizes, rewards and prompts: refused before the model loads
         check_online(cfg, accelerator.num_processes)
-    check_speed_settings(cfg.train.attention, cfg.train.compile, accelerator.device, cfg.model.quantize,
-                         cfg.lora.enabled)
     torch.manual_seed(cfg.train.seed)
     if cfg.train.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -169,7 +170,8 @@ def training_loop(run: Run) -> LoopEnd:
                 accelerator.log(last_metrics, step=global_step)
                 progress.set_postfix({k: f"{v:.4g}" for k, v in last_metrics.items() if k in ("loss", "implicit_acc")})
             if cfg.log.validation_every_n_steps and global_step % cfg.log.validation_every_n_steps == 0:
-                log_validation(accelerator, run.model.components, unwrap(model), cfg, global_step, run.output_dir)
+                with compiled.outside_steps():  # the pipeline's graphs are not training recompiles
+                    log_validation(accelerator, run.model.components, unwrap(model), cfg, global_step, run.output_dir)
             if checkpoint_due and not guard.consecutive_bad and global_step < cfg.train.max_steps:
                 state = {"global_step": global_step, "skipped_steps": guard.skipped_steps, "run": optim.run_settings,
                          **run.data.checkpoint_state()}
