@@ -119,8 +119,8 @@ def setup_model(cfg: Config, accelerator: Accelerator, objective: Objective, par
     # Some objectives set their reference from their own hyperparameters (Self-NPO: the teacher's EMA decay).
     reference_cfg = dataclasses.replace(cfg.objective, **objective.reference_settings(params))
     strategy = resolve_reference(cfg)
+    set_attention(denoiser, cfg.train.attention)  # before a reference copy is taken: it attends the same way
     reference = build_reference(strategy, reference_cfg, cfg.lora.enabled, denoiser, device, weight_dtype)
-    set_attention(denoiser, cfg.train.attention)
     compile_denoiser(denoiser, cfg.train.compile)  # after the reference copies it: the copy stays eager
     return ModelSetup(components, denoiser, reference, strategy, weight_dtype)
 
