@@ -274,25 +274,28 @@ def main() -> int:
     print(f"diffalign GPU suite{' (--quick)' if args.quick else ''}, machine: {machine()}\n")
     wanted = {int(part) for part in args.sections.split(",") if part.strip()}
     sections = []
+
+    def emit(lines: list[str]) -> None:  # printed as it finishes: a run cut short still shows what it measured
+        sections.append(lines)
+        print("\n".join(lines), end="\n\n", flush=True)
+
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         if 1 in wanted:
-            sections.append(throughput_section(args, workdir, cuda))
+            emit(throughput_section(args, workdir, cuda))
         if 2 in wanted:
-            sections.append(memory_section(args, workdir, cuda))
+            emit(memory_section(args, workdir, cuda))
     if 3 in wanted:
         npo = ["--size", "tiny", "--steps", "2"] if args.quick else ["--size", "sd15", "--resolution", "512",
                                                                      "--steps", "25"]
-        sections.append(script_section("### 3. NPO-guided sampling (one model + adapter switching vs two models)",
-                                       [str(BENCH / "npo_guidance_memory.py"), *npo]))
+        emit(script_section("### 3. NPO-guided sampling (one model + adapter switching vs two models)",
+                            [str(BENCH / "npo_guidance_memory.py"), *npo]))
     if 4 in wanted:
         score = ["--images", "8", "--batch-size", "4"] if args.quick else ["--images", "256", "--image-size", "512"]
         for weights in args.score_weights:
             score += ["--weights", weights]
-        sections.append(script_section("### 4. Reward scoring (batched vs one image per call)",
-                                       [str(BENCH / "score_throughput.py"), *score]))
-    for lines in sections:
-        print("\n".join(lines), end="\n\n")
+        emit(script_section("### 4. Reward scoring (batched vs one image per call)",
+                            [str(BENCH / "score_throughput.py"), *score]))
     print(f"total {time.time() - started:.0f} s")
     failed = any("failed" in line for lines in sections for line in lines)
     return 1 if failed else 0
