@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from diffalign.config import Config
@@ -55,10 +55,10 @@ def train(cfg: Config) -> TrainResult:
     any step where it can be known), and ``TrainingStopped`` when non-finite steps stop the run.
     """
     output_dir = Path(cfg.train.output_dir)
-    # Settings this machine cannot run are refused before anything is written (the run folder included).
-    check_speed_settings(cfg.train.attention, cfg.train.compile, PartialState().device, cfg.model.quantize,
-                         cfg.lora.enabled)
     accelerator = build_accelerator(cfg, output_dir)
+    # Settings this machine cannot run are refused before anything is written (the run folder included).
+    check_speed_settings(cfg.train.attention, cfg.train.compile, accelerator.device, cfg.model.quantize,
+                         cfg.lora.enabled)
     lock = lock_output_dir(accelerator, output_dir)
     try:
         with terminate_as_exit():
