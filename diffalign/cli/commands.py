@@ -177,10 +177,10 @@ def pairs_command(args: argparse.Namespace) -> int:
 
 def eval_command(args: argparse.Namespace) -> int:
     setups = parse_setups(args.setup, scheduler=args.scheduler, compile=args.compile, attention=args.attention)
-    if args.guidance is None:
-        args.guidance = detect_family(resolve_pretrained(args.model)).default_guidance_scale
     names, paths, _ = reward_flags(args)
     prompts = load_prompts(args.prompts, limit=args.limit, source=args.prompts_source)
+    if args.guidance is None:  # the model's own default (FLUX: 3.5); read after the cheaper checks
+        args.guidance = detect_family(resolve_pretrained(args.model)).default_guidance_scale
     device, dtype = pick_device(args)
     rewards = build_rewards(names, paths, device)
     settings = SampleSettings(num_images=args.num_images, seed=args.seed, steps=args.steps,
