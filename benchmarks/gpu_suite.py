@@ -36,12 +36,13 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from train_throughput import machine  # this folder is on sys.path when a script here runs
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
@@ -247,14 +248,6 @@ def script_section(title: str, command: list[str]) -> list[str]:
     if completed.returncode or not table:
         return [title, "", f"failed: {(completed.stderr.strip().splitlines() or ['no table'])[-1][:160]}"]
     return [title, "", *table]
-
-
-def machine() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
 
 
 def main() -> int:
